@@ -1,0 +1,150 @@
+//! Errors of the HTTP layer and their problem+json bodies (RFC 9457).
+//!
+//! Which error goes where: `shared` returns its own errors (`sqlx::Error`,
+//! `PublishError`, `FieldError`); handlers turn them into [`ApiError`], the one
+//! type a route returns. Client mistakes become 4xx with a `detail` that says
+//! what to change; infrastructure failures become 503 (retry later) or an
+//! opaque 500 whose cause is logged, never sent.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+/// A problem with one field of the request, for 422's `errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldProblem {
+    /// Dotted path from the body's root (`payload.ms`) or the query parameter's name.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldProblem {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request cannot be read (malformed JSON, id or query string).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no such route, or no such job for this tenant.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 413: the body is larger than `http.body_limit_bytes`.
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 415: the body is not declared as JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: the request is well-formed but some fields are invalid.
+    #[error("the request has invalid fields")]
+    Validation(Vec<FieldProblem>),
+    /// 503: a dependency is down or saturated; retry after a moment.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500 unless the database error says the database is unreachable (503).
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+impl ApiError {
+    fn slug(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad-request",
+            Self::NotFound(_) => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::Validation(_) => "validation-error",
+            Self::Unavailable(_) => "service-unavailable",
+            Self::Db(e) if db_unavailable(e) => "service-unavailable",
+            Self::Db(_) => "internal-error",
+        }
+    }
+}
+
+/// Errors that mean "the database cannot be reached right now", as opposed to a
+/// bug in a query: the pool timed out or the connection failed.
+fn db_unavailable(e: &sqlx::Error) -> bool {
+    // Listed in full so a new variant is a conscious choice, not a silent 500.
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // Class 08: connection exception; 57P01-03: admin shutdown, crash, cannot connect now.
+            db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
+        }
+        _ => false,
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<&'a [FieldProblem]>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(e) if db_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        let detail = match self {
+            Self::Db(e) if db_unavailable(e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                "the database is unavailable; retry shortly".to_owned()
+            }
+            Self::Db(e) => {
+                tracing::error!(error = ?e, "database error");
+                "internal error".to_owned()
+            }
+            Self::Validation(errors) => {
+                let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+                format!("invalid fields: {}", fields.join(", "))
+            }
+            other => other.to_string(),
+        };
+        let errors = match self {
+            Self::Validation(errors) => Some(errors.as_slice()),
+            _ => None,
+        };
+        let problem = Problem {
+            kind: format!("/problems/{}", self.slug()),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail,
+            errors,
+        };
+        let mut response = HttpResponse::build(status);
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS)));
+        }
+        response.body(serde_json::to_vec(&problem).unwrap_or_default())
+    }
+}

@@ -1,0 +1,223 @@
+//! `/v1/jobs`: submit, fetch and list jobs.
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use shared::config::Settings;
+use shared::db::jobs::{self, ListFilter};
+use shared::job::{DEFAULT_TENANT, Job, JobStatus, MAX_PRIORITY, NewJob};
+use shared::kinds;
+use uuid::Uuid;
+
+use super::RequestId;
+use crate::body::read_json;
+use crate::error::{ApiError, FieldProblem};
+use crate::startup::AppState;
+
+/// The body of `POST /v1/jobs`. Only `type` is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub payload: Option<Value>,
+    pub queue: Option<String>,
+    pub priority: Option<i64>,
+    pub max_attempts: Option<i64>,
+    pub timeout_seconds: Option<i64>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub delay_seconds: Option<u64>,
+}
+
+/// Longest `delay_seconds` accepted: a year. Further out is a mistake, not a schedule.
+const MAX_DELAY_SECONDS: u64 = 366 * 24 * 3600;
+
+impl SubmitRequest {
+    /// Checks every field against the job type and the configuration, reporting
+    /// all problems at once.
+    pub fn validate(self, settings: &Settings) -> Result<NewJob, ApiError> {
+        let mut problems = Vec::new();
+        let kind = kinds::find(&self.kind);
+        if kind.is_none() {
+            let known: Vec<_> = kinds::KINDS.iter().map(|k| k.name).collect();
+            problems.push(FieldProblem::new("type", format!("unknown job type; known: {}", known.join(", "))));
+        }
+        let payload = self.payload.unwrap_or_else(|| Value::Object(Map::new()));
+        if !payload.is_object() {
+            problems.push(FieldProblem::new("payload", "must be a JSON object"));
+        } else if let Some(kind) = kind
+            && let Err(e) = kind.validate(&payload)
+        {
+            let field = if e.path.is_empty() { "payload".to_owned() } else { format!("payload.{}", e.path) };
+            problems.push(FieldProblem::new(field, e.message));
+        }
+        let queue = self.queue.unwrap_or_else(|| "default".to_owned());
+        if !settings.queues.contains_key(&queue) {
+            let known: Vec<_> = settings.queues.keys().map(String::as_str).collect();
+            problems.push(FieldProblem::new("queue", format!("unknown queue; known: {}", known.join(", "))));
+        }
+        let mut bounded = |field: &str, value: Option<i64>, default: i32, (min, max): (i64, i64)| {
+            let value = value.unwrap_or(i64::from(default));
+            if (min..=max).contains(&value) {
+                // In range, so the conversion is lossless.
+                i32::try_from(value).unwrap_or(default)
+            } else {
+                problems.push(FieldProblem::new(field, format!("must be between {min} and {max}")));
+                default
+            }
+        };
+        let jobs = &settings.jobs;
+        let priority = bounded("priority", self.priority, 0, (0, i64::from(MAX_PRIORITY)));
+        let max_attempts = bounded(
+            "max_attempts",
+            self.max_attempts,
+            jobs.default_max_attempts,
+            (1, i64::from(jobs.max_attempts_limit)),
+        );
+        let timeout_seconds = bounded(
+            "timeout_seconds",
+            self.timeout_seconds,
+            jobs.default_timeout_seconds,
+            (1, i64::from(jobs.timeout_seconds_limit)),
+        );
+        let run_at = match (self.run_at, self.delay_seconds) {
+            (Some(_), Some(_)) => {
+                problems.push(FieldProblem::new("delay_seconds", "give run_at or delay_seconds, not both"));
+                None
+            }
+            (Some(at), None) => Some(at),
+            (None, Some(delay)) if delay > MAX_DELAY_SECONDS => {
+                problems.push(FieldProblem::new("delay_seconds", format!("must be at most {MAX_DELAY_SECONDS}")));
+                None
+            }
+            (None, Some(delay)) => Some(Utc::now() + Duration::from_secs(delay)),
+            (None, None) => None,
+        };
+        if !problems.is_empty() {
+            return Err(ApiError::Validation(problems));
+        }
+        Ok(NewJob {
+            id: Uuid::now_v7(),
+            tenant: DEFAULT_TENANT.to_owned(),
+            queue,
+            kind: self.kind,
+            payload,
+            priority: i16::try_from(priority).unwrap_or_default(),
+            max_attempts,
+            timeout_seconds,
+            run_at,
+            idempotency_key: None,
+            request_id: None,
+        })
+    }
+}
+
+/// `POST /v1/jobs`: commits the job, publishes it with a confirm, answers 202.
+pub async fn submit(state: web::Data<AppState>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let request: SubmitRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
+    let mut new_job = request.validate(&state.settings)?;
+    new_job.request_id = RequestId::of(&req);
+    let job = jobs::insert(&state.pool, &new_job).await?;
+    if job.status == JobStatus::Queued {
+        // The row is committed, so the job is accepted whatever happens next: if
+        // this publish fails, the reconciler's outbox sweep publishes it later.
+        match state
+            .publisher
+            .publish_job(&job.queue, job.id, job.priority, job.request_id.as_deref())
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = jobs::mark_published(&state.pool, job.id).await {
+                    tracing::warn!(job.id = %job.id, error = %e, "published, but could not record it; it may be published twice");
+                }
+            }
+            Err(e) => tracing::warn!(job.id = %job.id, error = %e, "publish failed; the job stays in the outbox"),
+        }
+    }
+    Ok(HttpResponse::Accepted()
+        .insert_header((header::LOCATION, format!("/v1/jobs/{}", job.id)))
+        .json(&job))
+}
+
+/// `GET /v1/jobs/{id}`.
+pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&id)?;
+    match jobs::get(&state.pool, DEFAULT_TENANT, id).await? {
+        Some(job) => Ok(HttpResponse::Ok().json(&job)),
+        None => Err(ApiError::NotFound(format!("no job {id}"))),
+    }
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a job id (a UUID)")))
+}
+
+/// Query string of `GET /v1/jobs`; all optional, read as text so that every
+/// mistake is reported with its parameter's name.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    queue: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+pub const DEFAULT_LIST_LIMIT: i64 = 50;
+pub const MAX_LIST_LIMIT: i64 = 500;
+
+#[derive(Debug, Serialize)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/jobs`: newest first, keyset-paginated.
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<ListQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?
+        .into_inner();
+    let mut problems = Vec::new();
+    let status = match query.status.as_deref().map(str::parse::<JobStatus>) {
+        None => None,
+        Some(Ok(status)) => Some(status),
+        Some(Err(_)) => {
+            let known: Vec<_> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            problems.push(FieldProblem::new("status", format!("must be one of {}", known.join(", "))));
+            None
+        }
+    };
+    let limit = match query.limit.as_deref().map(str::parse::<i64>) {
+        None => DEFAULT_LIST_LIMIT,
+        Some(Ok(limit)) if (1..=MAX_LIST_LIMIT).contains(&limit) => limit,
+        Some(_) => {
+            problems.push(FieldProblem::new("limit", format!("must be an integer between 1 and {MAX_LIST_LIMIT}")));
+            DEFAULT_LIST_LIMIT
+        }
+    };
+    let before = match query.cursor.as_deref().map(Uuid::parse_str) {
+        None => None,
+        Some(Ok(cursor)) => Some(cursor),
+        Some(Err(_)) => {
+            problems.push(FieldProblem::new("cursor", "not a cursor returned by this API"));
+            None
+        }
+    };
+    if !problems.is_empty() {
+        let fields: Vec<_> = problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
+        return Err(ApiError::BadRequest(format!("invalid query parameters: {}", fields.join("; "))));
+    }
+    let filter = ListFilter { status, kind: query.kind, queue: query.queue, before };
+    // One row more than asked tells whether another page exists.
+    let mut jobs = jobs::list(&state.pool, DEFAULT_TENANT, &filter, limit + 1).await?;
+    let more = jobs.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    jobs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = if more { jobs.last().map(|job| job.id.to_string()) } else { None };
+    Ok(HttpResponse::Ok().json(JobPage { jobs, next_cursor }))
+}

@@ -1,0 +1,81 @@
+//! Building and running the HTTP server. [`Application::build`] returns with
+//! the listener already bound, so tests can ask for port 0 and read the port.
+
+use std::net::TcpListener;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use shared::config::Settings;
+use shared::db;
+use shared::queue::Publisher;
+use sqlx::PgPool;
+
+use crate::routes;
+
+/// What every request handler can reach.
+pub struct AppState {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub publisher: Publisher,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Opens the pool, migrates when `database.migrate_on_start`, and binds.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = db::pool(&settings.database).context("Failed to configure the database pool")?;
+        if settings.database.migrate_on_start {
+            db::migrate(&settings.database, &pool).await?;
+        }
+        Self::build_with_pool(settings, pool).await
+    }
+
+    /// Binds the server on `http.host:http.port` with an existing pool.
+    pub async fn build_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<Self> {
+        let address = format!("{}:{}", settings.http.host, settings.http.port);
+        let listener = TcpListener::bind(&address).with_context(|| format!("Failed to bind {address}"))?;
+        let port = listener.local_addr()?.port();
+        let queues = settings.queues.keys().cloned().collect();
+        let publisher = Publisher::new(&settings.amqp, queues, &format!("conveyor-api-{}", uuid::Uuid::now_v7()));
+        if !publisher.is_ready().await {
+            tracing::warn!("RabbitMQ is not reachable yet; jobs are accepted and published once it is");
+        }
+        let workers = match settings.http.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let state = web::Data::new(AppState { settings, pool, publisher });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(from_fn(routes::request_id))
+                .configure(routes::configure)
+        })
+        .workers(workers)
+        .listen(listener)?
+        .run();
+        tracing::info!(%address, port, "API listening");
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the server gracefully (tests; signals are handled by actix itself).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGINT/SIGTERM (or [`ServerHandle::stop`]), then drains
+    /// in-flight requests.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

@@ -1,0 +1,319 @@
+//! Configuration (SPEC §2): built-in defaults, then an optional TOML file, then
+//! `CONVEYOR__…` environment variables, then `DATABASE_URL` / `AMQP_URL`.
+//!
+//! Loading validates everything once, so a bad value stops start-up with one
+//! line naming the key instead of surfacing later as a confusing runtime error.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, documented key by key; the README points here.
+pub const DEFAULTS: &str = include_str!("../config.default.toml");
+
+/// A configuration problem, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub http: HttpSettings,
+    pub jobs: JobSettings,
+    pub queues: BTreeMap<String, QueueSettings>,
+    pub worker: WorkerSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub namespace: String,
+    pub confirm_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    pub default_max_attempts: i32,
+    pub default_timeout_seconds: i32,
+    pub max_attempts_limit: i32,
+    pub timeout_seconds_limit: i32,
+    pub retry_backoff_base_ms: u64,
+    pub retry_backoff_cap_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub max_depth: u64,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub queues: Vec<String>,
+    pub concurrency: u16,
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+impl Settings {
+    /// Loads every layer: defaults, `file` (or `CONVEYOR_CONFIG`), the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os("CONVEYOR_CONFIG");
+        let file = file.or(env_file.as_deref().map(Path::new));
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_layers(file, &vars)
+    }
+
+    /// The built-in defaults alone, ignoring the environment: what tests start from.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::from_layers(None, &[])
+    }
+
+    /// Builds settings from the defaults, an optional file and the given
+    /// environment (passed in, so that tests need not mutate the process's).
+    pub fn from_layers(file: Option<&Path>, vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = vars
+            .iter()
+            .filter(|(key, _)| key.starts_with("CONVEYOR__"))
+            .cloned()
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("CONVEYOR")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("worker.queues")
+                .source(Some(env)),
+        );
+        // The conventional names win over everything, as in most twelve-factor tools.
+        for (alias, key) in [("DATABASE_URL", "database.url"), ("AMQP_URL", "amqp.url")] {
+            if let Some((_, value)) = vars.iter().find(|(name, _)| name == alias) {
+                builder = builder
+                    .set_override(key, value.as_str())
+                    .map_err(|e| ConfigError(format!("{alias}: {e}")))?;
+            }
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot say. Each message names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), ConfigError> {
+            if ok { Ok(()) } else { Err(ConfigError(msg())) }
+        }
+        check(self.database.url.starts_with("postgres"), || {
+            "database.url must be a postgres:// URL".into()
+        })?;
+        check(self.database.max_connections >= 1, || {
+            "database.max_connections must be at least 1".into()
+        })?;
+        check(self.database.acquire_timeout_ms >= 1, || {
+            "database.acquire_timeout_ms must be at least 1".into()
+        })?;
+        check(self.amqp.url.starts_with("amqp"), || {
+            "amqp.url must be an amqp:// URL".into()
+        })?;
+        check(is_name(&self.amqp.namespace), || {
+            format!("amqp.namespace {:?} must be 1-64 of [a-zA-Z0-9_-]", self.amqp.namespace)
+        })?;
+        check(self.amqp.confirm_timeout_ms >= 1, || {
+            "amqp.confirm_timeout_ms must be at least 1".into()
+        })?;
+        check(self.http.body_limit_bytes >= 1024, || {
+            "http.body_limit_bytes must be at least 1024".into()
+        })?;
+        let jobs = &self.jobs;
+        check(jobs.max_attempts_limit >= 1, || "jobs.max_attempts_limit must be at least 1".into())?;
+        check(jobs.timeout_seconds_limit >= 1, || {
+            "jobs.timeout_seconds_limit must be at least 1".into()
+        })?;
+        check((1..=jobs.max_attempts_limit).contains(&jobs.default_max_attempts), || {
+            "jobs.default_max_attempts must be between 1 and jobs.max_attempts_limit".into()
+        })?;
+        check((1..=jobs.timeout_seconds_limit).contains(&jobs.default_timeout_seconds), || {
+            "jobs.default_timeout_seconds must be between 1 and jobs.timeout_seconds_limit".into()
+        })?;
+        check(jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms, || {
+            "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into()
+        })?;
+        check(!self.queues.is_empty(), || "queues must name at least one queue".into())?;
+        for (name, queue) in &self.queues {
+            check(is_name(name), || {
+                format!("queues.{name}: a queue name must be 1-64 of [a-zA-Z0-9_-]")
+            })?;
+            check(queue.weight >= 1, || format!("queues.{name}.weight must be at least 1"))?;
+        }
+        self.check_worker_queues(&self.worker.queues)?;
+        check(self.worker.concurrency >= 1, || "worker.concurrency must be at least 1".into())?;
+        Ok(())
+    }
+
+    /// A worker may only consume queues that are configured.
+    pub fn check_worker_queues(&self, queues: &[String]) -> Result<(), ConfigError> {
+        if queues.is_empty() {
+            return Err(ConfigError("worker.queues must name at least one queue".into()));
+        }
+        match queues.iter().find(|q| !self.queues.contains_key(*q)) {
+            Some(unknown) => Err(ConfigError(format!(
+                "worker.queues: queue {unknown:?} is not configured (known: {})",
+                self.queues.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl DatabaseSettings {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms)
+    }
+}
+
+impl JobSettings {
+    /// How long a job waits before attempt `attempt + 1`, after attempt `attempt` failed.
+    pub fn retry_delay(&self, attempt: i32) -> Duration {
+        crate::job::retry_delay(
+            attempt,
+            Duration::from_millis(self.retry_backoff_base_ms),
+            Duration::from_millis(self.retry_backoff_cap_ms),
+        )
+    }
+}
+
+impl AmqpSettings {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+}
+
+/// Queue and namespace names end up in RabbitMQ names and URLs: keep them plain.
+pub fn is_name(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn error_of(pairs: &[(&str, &str)]) -> String {
+        match Settings::from_layers(None, &env(pairs)) {
+            Ok(_) => panic!("{pairs:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_load_and_work_on_localhost() {
+        let s = Settings::defaults().expect("defaults are valid");
+        assert_eq!(s.database.url, "postgres://postgres@127.0.0.1:5432/conveyor");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.jobs.default_max_attempts, 5);
+        assert_eq!(s.jobs.default_timeout_seconds, 300);
+        assert_eq!(s.http.body_limit_bytes, 1024 * 1024);
+        assert!(s.queues.contains_key("default"));
+    }
+
+    #[test]
+    fn environment_overrides_defaults_and_aliases_win() {
+        let s = Settings::from_layers(
+            None,
+            &env(&[
+                ("CONVEYOR__HTTP__PORT", "9999"),
+                ("CONVEYOR__WORKER__QUEUES", "critical,default"),
+                ("CONVEYOR__QUEUES__CRITICAL__MAX_DEPTH", "10"),
+                ("CONVEYOR__QUEUES__CRITICAL__WEIGHT", "3"),
+                ("CONVEYOR__DATABASE__URL", "postgres://ignored/db"),
+                ("DATABASE_URL", "postgres://u@h/db"),
+                ("AMQP_URL", "amqp://h:5672/v"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(s.http.port, 9999);
+        assert_eq!(s.worker.queues, ["critical", "default"]);
+        assert_eq!(s.queues["critical"].weight, 3);
+        assert_eq!(s.database.url, "postgres://u@h/db");
+        assert_eq!(s.amqp.url, "amqp://h:5672/v");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        assert!(error_of(&[("CONVEYOR__HTTP__PORT", "eighty")]).contains("http.port"));
+        assert!(error_of(&[("CONVEYOR__HTTP__PORT", "70000")]).contains("http.port"));
+        assert!(error_of(&[("CONVEYOR__WORKER__CONCURRENCY", "0")]).contains("worker.concurrency"));
+        assert!(error_of(&[("CONVEYOR__LOG__FORMAT", "xml")]).contains("log.format"));
+        assert!(error_of(&[("CONVEYOR__WORKER__QUEUES", "nope")]).contains("worker.queues"));
+        assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("database.url"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_not_ignored() {
+        assert!(error_of(&[("CONVEYOR__HTTP__PROT", "80")]).contains("prot"));
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Settings::from_layers(Some(Path::new("/nonexistent/conveyor.toml")), &[])
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("/nonexistent/conveyor.toml")));
+    }
+}

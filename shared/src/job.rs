@@ -1,0 +1,225 @@
+//! The job model of SPEC §3: a job's states, its stored record and its error.
+
+use std::fmt;
+use std::time::Duration;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Where a job is in its life. Moves between states are guarded updates in
+/// [`crate::db::jobs`]; the allowed moves are those of SPEC §3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Waiting for its `run_at`; the reconciler queues it when that comes.
+    Scheduled,
+    /// Committed and published (or about to be republished by the outbox):
+    /// waiting for a worker to claim it.
+    Queued,
+    /// Claimed by a worker, which holds a lease on it while the handler runs.
+    Running,
+    /// An attempt failed and attempts remain; queued again at `run_at`, after its backoff.
+    Retrying,
+    /// Terminal: the handler returned a result.
+    Succeeded,
+    /// Terminal: attempts exhausted, or a non-retryable error.
+    Failed,
+    /// Terminal: cancelled before it ran, or stopped cooperatively while running.
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 7] = [
+        Self::Scheduled,
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Terminal jobs never change again (unless an operator requeues them).
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown job status {0:?}")]
+pub struct UnknownStatus(String);
+
+impl FromStr for JobStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for JobStatus {
+    type Error = UnknownStatus;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// Why an attempt failed, as stored in `jobs.error` and shown to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFailure {
+    pub message: String,
+    pub kind: FailureKind,
+    pub attempt: i32,
+}
+
+/// The class of a failure: what an operator filters on and what decides a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The handler failed in a way that may pass on another attempt.
+    Retryable,
+    /// The handler failed in a way no retry can fix (bad input, a 4xx answer).
+    Permanent,
+    /// The handler ran past the job's `timeout_seconds` and was stopped.
+    Timeout,
+    /// The handler panicked; treated like a retryable failure.
+    Panic,
+    /// The stored payload no longer matches the job type (e.g. after a type changed).
+    InvalidPayload,
+    /// The job type is not known to this worker.
+    UnknownType,
+    /// The handler stopped because the job was cancelled.
+    Cancelled,
+}
+
+impl FailureKind {
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::Retryable | Self::Panic | Self::Timeout)
+    }
+}
+
+/// A job as stored and as returned by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub tenant: String,
+    pub queue: String,
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub payload: Value,
+    #[sqlx(try_from = "String")]
+    pub status: JobStatus,
+    pub priority: i16,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_seconds: i32,
+    pub run_at: DateTime<Utc>,
+    pub progress: Option<i16>,
+    pub result: Option<Value>,
+    #[sqlx(json(nullable))]
+    pub error: Option<JobFailure>,
+    pub idempotency_key: Option<String>,
+    pub request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A validated submission, ready to insert.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub tenant: String,
+    pub queue: String,
+    pub kind: String,
+    pub payload: Value,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub timeout_seconds: i32,
+    /// `None` runs the job now; a time in the future makes it `scheduled`.
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// The tenant every job belongs to until API keys bring real tenants.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Highest priority a job may have; RabbitMQ queues are declared with it as `x-max-priority`.
+pub const MAX_PRIORITY: i16 = 9;
+
+/// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
+/// Full jitter spreads a burst of failures out the most for the same mean wait
+/// (see AWS's "Exponential Backoff and Jitter").
+pub fn retry_delay(attempt: i32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = retry_ceiling(attempt, base, cap);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::random_range(0..=millis))
+}
+
+/// The upper bound of [`retry_delay`] for `attempt`.
+pub fn retry_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
+    let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(32);
+    base.saturating_mul(1 << doublings).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_exponentially_within_the_cap() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(3600));
+        assert_eq!(retry_ceiling(1, base, cap), Duration::from_secs(1));
+        assert_eq!(retry_ceiling(2, base, cap), Duration::from_secs(2));
+        assert_eq!(retry_ceiling(5, base, cap), Duration::from_secs(16));
+        assert_eq!(retry_ceiling(13, base, cap), Duration::from_secs(3600));
+        assert_eq!(retry_ceiling(1000, base, cap), Duration::from_secs(3600));
+        for attempt in 1..20 {
+            let delay = retry_delay(attempt, base, cap);
+            assert!(delay <= retry_ceiling(attempt, base, cap), "attempt {attempt}: {delay:?}");
+        }
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_names() {
+        for status in JobStatus::ALL {
+            assert_eq!(status.as_str().parse::<JobStatus>().ok(), Some(status));
+            assert_eq!(serde_json::to_value(status).ok(), Some(Value::from(status.as_str())));
+        }
+        assert!("done".parse::<JobStatus>().is_err());
+    }
+
+    #[test]
+    fn only_succeeded_failed_and_cancelled_are_terminal() {
+        let terminal: Vec<_> = JobStatus::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        assert_eq!(terminal, [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled]);
+    }
+}

@@ -1,0 +1,161 @@
+//! `http`: one real HTTP request, the model of webhook delivery. An answer of
+//! 5xx or a network error is retryable; 4xx is not (asking again will not help).
+//!
+//! Plain `http://` only: this build carries no TLS stack (see the README).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{FieldError, JobContext, JobError, JobKind};
+
+pub struct Http;
+
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+/// The part of the answer's body kept in the job's result.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpPayload {
+    pub url: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A string is sent as it is; anything else is sent as JSON.
+    pub body: Option<Value>,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The status that counts as success; any 2xx when absent.
+    pub expect_status: Option<u16>,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+const fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+#[derive(Debug, Serialize)]
+pub struct HttpOutput {
+    pub status: u16,
+    /// The answer's body as text, cut at 64 KiB.
+    pub body: String,
+}
+
+struct Request {
+    url: Url,
+    method: Method,
+    headers: HeaderMap,
+}
+
+fn request(payload: &HttpPayload) -> Result<Request, FieldError> {
+    let url = Url::parse(&payload.url).map_err(|e| FieldError::new("url", format!("not a URL: {e}")))?;
+    if url.scheme() != "http" {
+        return Err(FieldError::new("url", "only http:// URLs are supported by this build"));
+    }
+    let method = Method::from_bytes(payload.method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| FieldError::new("method", "not an HTTP method"))?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in &payload.headers {
+        let path = format!("headers.{name}");
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| FieldError::new(path.clone(), "not a valid header name"))?;
+        let value = HeaderValue::from_str(value).map_err(|_| FieldError::new(path, "not a valid header value"))?;
+        headers.insert(name, value);
+    }
+    Ok(Request { url, method, headers })
+}
+
+fn client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    // A client owns a connection pool: one per process, so deliveries to the
+    // same endpoint reuse connections.
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .user_agent(concat!("conveyor/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default()
+    })
+}
+
+impl JobKind for Http {
+    const NAME: &'static str = "http";
+    type Payload = HttpPayload;
+    type Output = HttpOutput;
+
+    fn validate(payload: &HttpPayload) -> Result<(), FieldError> {
+        if !(1..=MAX_TIMEOUT_MS).contains(&payload.timeout_ms) {
+            return Err(FieldError::new("timeout_ms", format!("must be between 1 and {MAX_TIMEOUT_MS}")));
+        }
+        if let Some(status) = payload.expect_status
+            && !(100..=599).contains(&status)
+        {
+            return Err(FieldError::new("expect_status", "must be an HTTP status (100-599)"));
+        }
+        request(payload).map(drop)
+    }
+
+    async fn run(payload: HttpPayload, ctx: JobContext) -> Result<HttpOutput, JobError> {
+        let Request { url, method, headers } = request(&payload).map_err(|e| JobError::Permanent(e.message))?;
+        let mut builder = client()
+            .request(method, url)
+            .headers(headers)
+            .timeout(Duration::from_millis(payload.timeout_ms));
+        builder = match payload.body {
+            Some(Value::String(text)) => builder.body(text),
+            Some(json) => builder.json(&json),
+            None => builder,
+        };
+        let send = async {
+            let mut response = builder.send().await.map_err(|e| JobError::Retryable(network_error(&e)))?;
+            let status = response.status();
+            let mut body = Vec::new();
+            while body.len() < MAX_BODY_BYTES {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                    Ok(None) => break,
+                    Err(e) => return Err(JobError::Retryable(network_error(&e))),
+                }
+            }
+            body.truncate(MAX_BODY_BYTES);
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        let (status, body) = tokio::select! {
+            () = ctx.cancelled() => return Err(JobError::Cancelled),
+            answer = send => answer?,
+        };
+        let ok = payload.expect_status.map_or(status.is_success(), |want| status.as_u16() == want);
+        if ok {
+            return Ok(HttpOutput { status: status.as_u16(), body });
+        }
+        let message = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
+        if status.is_server_error() {
+            Err(JobError::Retryable(message))
+        } else {
+            Err(JobError::Permanent(message))
+        }
+    }
+}
+
+/// reqwest's Display stops at the outermost layer ("error sending request");
+/// the cause (connection refused, timed out) is what an operator needs.
+fn network_error(e: &reqwest::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

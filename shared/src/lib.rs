@@ -1,0 +1,23 @@
+//! What the `api` and `worker` binaries share: the job model, the job types,
+//! configuration, and access to Postgres and RabbitMQ.
+//!
+//! # Layout
+//!
+//! - [`config`]: layered settings (defaults, file, environment), validated once.
+//! - [`job`]: job states, the stored job, failures.
+//! - [`kinds`]: the job types and their registry.
+//! - [`db`]: the pool, migrations, and every query on `jobs`.
+//! - [`queue`]: the RabbitMQ message, topology and publisher.
+//! - [`signal`]: SIGINT/SIGTERM handling.
+//! - [`telemetry`]: logging set-up.
+//! - `testing` (feature `test-util`): per-test namespaces for integration tests.
+
+pub mod config;
+pub mod db;
+pub mod job;
+pub mod kinds;
+pub mod queue;
+pub mod signal;
+pub mod telemetry;
+#[cfg(feature = "test-util")]
+pub mod testing;

@@ -1,0 +1,78 @@
+//! RabbitMQ carries work to workers; Postgres decides everything else. This
+//! module holds what travels (the [`Message`]) and how names are made; the
+//! lapin details live in [`rabbitmq`].
+//!
+//! # Topology (per namespace `ns`, default `conveyor`)
+//!
+//! - queue `ns.<queue>` for every configured queue: durable, classic, with
+//!   `x-max-priority` 9 so job priorities are honoured, dead-lettering to `ns.dlx`;
+//! - fanout exchange `ns.dlx` and its queue `ns.dead`: messages a worker could
+//!   not understand end there, for a human to look at, instead of being dropped.
+//!
+//! Jobs are published to the default exchange with the queue's name as the
+//! routing key, `mandatory`, persistent, and with publisher confirms.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub mod rabbitmq;
+
+pub use rabbitmq::{Publisher, PublishError};
+
+/// What a queue message says. Tagged and versioned by variant name, so a
+/// rolling upgrade can add `RunJobV2` while old messages still parse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Message {
+    /// Run the job with this id, if it is still queued.
+    RunJob { job_id: Uuid },
+}
+
+impl Message {
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RunJob { .. } => "run_job",
+        }
+    }
+}
+
+/// Names of the RabbitMQ objects of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self { namespace: namespace.into() }
+    }
+
+    /// The RabbitMQ queue that carries Conveyor queue `queue`.
+    pub fn queue(&self, queue: &str) -> String {
+        format!("{}.{queue}", self.namespace)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.namespace)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let id = Uuid::nil();
+        let json = serde_json::to_string(&Message::RunJob { job_id: id }).ok();
+        assert_eq!(
+            json.as_deref(),
+            Some(r#"{"kind":"run_job","job_id":"00000000-0000-0000-0000-000000000000"}"#)
+        );
+    }
+}

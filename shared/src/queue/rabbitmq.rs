@@ -1,0 +1,212 @@
+//! lapin underneath [`super`]: connecting, declaring the topology, publishing
+//! with confirms, and opening consumers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::{Message, Names};
+use crate::config::AmqpSettings;
+use crate::job::MAX_PRIORITY;
+
+/// AMQP delivery mode 2: the broker writes the message to disk (with a durable
+/// queue, it survives a broker restart).
+const PERSISTENT: u8 = 2;
+
+/// Opens a connection named after the process, so `rabbitmqctl list_connections`
+/// tells an API replica from a worker.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(&settings.url, properties).await
+}
+
+/// Declares the namespace's dead-letter exchange and queue, and one durable
+/// queue per name in `queues`. Idempotent; every process declares what it
+/// uses at start, so no start order is needed.
+pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator<Item = &str>) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    channel
+        .exchange_declare(names.dead_letter_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await?;
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel
+        .queue_declare(names.dead_letter_queue().into(), durable, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            names.dead_letter_queue().into(),
+            names.dead_letter_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in queues {
+        let mut args = FieldTable::default();
+        // Priorities 0–9 of SPEC §3; a classic queue with x-max-priority keeps one
+        // sub-queue per level, so fewer levels would be cheaper but lossy.
+        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY as u8));
+        // A rejected (unparseable) message goes to `ns.dead`, never into the void.
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_letter_exchange().into()));
+        channel.queue_declare(names.queue(queue).into(), durable, args).await?;
+    }
+    Ok(())
+}
+
+/// Why a publish did not get a positive confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ has no queue {0:?} (was it declared?)")]
+    Unroutable(String),
+}
+
+/// Publishes job messages with publisher confirms over one shared channel,
+/// reconnecting on the next publish after the connection broke.
+///
+/// Many publishes may be in flight at once on the channel; each waits only
+/// for its own confirm.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    settings: AmqpSettings,
+    names: Names,
+    /// Queues declared on (re)connect.
+    queues: Vec<String>,
+    connection_name: String,
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Publisher {
+    /// A publisher for `queues` (declared on every connect). It connects on
+    /// first use and again after the connection broke, so a process can start
+    /// while RabbitMQ is down.
+    pub fn new(settings: &AmqpSettings, queues: Vec<String>, connection_name: &str) -> Self {
+        Self {
+            inner: Arc::new(PublisherInner {
+                settings: settings.clone(),
+                names: Names::new(&settings.namespace),
+                queues,
+                connection_name: connection_name.to_owned(),
+                link: Mutex::new(None),
+            }),
+        }
+    }
+
+    async fn channel(&self) -> lapin::Result<Channel> {
+        let inner = &self.inner;
+        let mut link = inner.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        *link = None;
+        let connection = connect(&inner.settings, &inner.connection_name).await?;
+        let channel = connection.create_channel().await?;
+        declare(&channel, &inner.names, inner.queues.iter().map(String::as_str)).await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        *link = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes a run-job message for `job_id` to `queue` and waits for
+    /// RabbitMQ's confirm: once this returns `Ok`, the message is on disk.
+    pub async fn publish_job(
+        &self,
+        queue: &str,
+        job_id: Uuid,
+        priority: i16,
+        request_id: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let timeout = self.inner.settings.confirm_timeout();
+        tokio::time::timeout(timeout, self.publish_job_inner(queue, job_id, priority, request_id))
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))?
+    }
+
+    async fn publish_job_inner(
+        &self,
+        queue: &str,
+        job_id: Uuid,
+        priority: i16,
+        request_id: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(&Message::RunJob { job_id }).unwrap_or_default();
+        let mut headers = FieldTable::default();
+        if let Some(request_id) = request_id {
+            headers.insert("x-request-id".into(), AMQPValue::LongString(request_id.into()));
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_priority(u8::try_from(priority.clamp(0, MAX_PRIORITY)).unwrap_or(0))
+            .with_content_type("application/json".into())
+            .with_message_id(job_id.to_string().into())
+            .with_app_id("conveyor".into())
+            .with_headers(headers);
+        let routing_key = self.inner.names.queue(queue);
+        let channel = self.channel().await?;
+        // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
+        // of confirming a message that went nowhere.
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        let confirm = channel
+            .basic_publish("".into(), ShortString::from(routing_key.clone()), options, &body, properties)
+            .await?;
+        match confirm.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key)),
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                Err(PublishError::Nacked)
+            }
+        }
+    }
+
+    /// Whether the broker answers: used by `/readyz`.
+    pub async fn is_ready(&self) -> bool {
+        self.channel().await.is_ok()
+    }
+}
+
+/// Opens a channel with `prefetch` unacknowledged messages at most across all
+/// its consumers, and one consumer per queue on it.
+pub async fn consume(
+    connection: &Connection,
+    names: &Names,
+    queues: &[String],
+    prefetch: u16,
+    consumer_tag_prefix: &str,
+) -> lapin::Result<(Channel, Vec<Consumer>)> {
+    let channel = connection.create_channel().await?;
+    declare(&channel, names, queues.iter().map(String::as_str)).await?;
+    // `global`: the limit is shared by the channel's consumers (RabbitMQ's
+    // reading of the flag), so a worker on several queues still buffers at most
+    // `prefetch` messages in total.
+    channel.basic_qos(prefetch, BasicQosOptions { global: true }).await?;
+    let mut consumers = Vec::with_capacity(queues.len());
+    for queue in queues {
+        // Tags are unique per process and queue, so a restarted worker never
+        // collides with its predecessor's consumers.
+        let tag = format!("{consumer_tag_prefix}.{queue}");
+        let consumer = channel
+            .basic_consume(names.queue(queue).into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        consumers.push(consumer);
+    }
+    Ok((channel, consumers))
+}

@@ -1,0 +1,80 @@
+//! Helpers for integration tests (feature `test-util`): settings pointed at a
+//! per-test database and a per-test RabbitMQ namespace that is deleted when
+//! the test ends, even when it panics.
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use sqlx::postgres::PgConnectOptions;
+
+use crate::config::Settings;
+use crate::queue::Names;
+use crate::queue::rabbitmq;
+
+/// The broker tests use: `AMQP_URL` when set, else the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A RabbitMQ namespace of one test. Dropping it deletes its queues and exchanges.
+#[derive(Debug)]
+pub struct AmqpNamespace {
+    pub name: String,
+    queues: Vec<String>,
+}
+
+impl AmqpNamespace {
+    pub fn new(queues: &[&str]) -> Self {
+        let name = format!("test-{}", uuid::Uuid::now_v7().simple());
+        Self { name, queues: queues.iter().map(|q| (*q).to_owned()).collect() }
+    }
+}
+
+impl Drop for AmqpNamespace {
+    fn drop(&mut self) {
+        let names = Names::new(&self.name);
+        let mut queues: Vec<String> = self.queues.iter().map(|q| names.queue(q)).collect();
+        queues.push(names.dead_letter_queue());
+        let exchange = names.dead_letter_exchange();
+        // Drop cannot await, and the test's runtime may be shutting down: clean
+        // up on a thread of our own with a small runtime.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let settings = crate::config::AmqpSettings {
+                    url: amqp_url(),
+                    namespace: "cleanup".to_owned(),
+                    confirm_timeout_ms: 5000,
+                };
+                let Ok(connection) = rabbitmq::connect(&settings, "conveyor-test-cleanup").await else { return };
+                let Ok(channel) = connection.create_channel().await else { return };
+                for queue in queues {
+                    let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+                }
+                let _ = channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
+                let _ = connection.close(200, "bye".into()).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Settings for a test: the defaults, pointed at the test's database (as
+/// `#[sqlx::test]` made it) and RabbitMQ namespace, listening on a random port.
+pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
+    let mut settings = match Settings::defaults() {
+        Ok(settings) => settings,
+        Err(e) => panic!("built-in defaults are invalid: {e}"),
+    };
+    settings.database.url = format!(
+        "postgres://{}@{}:{}/{}",
+        db.get_username(),
+        db.get_host(),
+        db.get_port(),
+        db.get_database().unwrap_or("postgres")
+    );
+    settings.amqp.url = amqp_url();
+    settings.amqp.namespace = namespace.name.clone();
+    settings.http.port = 0;
+    settings.http.workers = 2;
+    settings.database.migrate_on_start = false;
+    settings
+}
