@@ -12,7 +12,11 @@ use serde::de::DeserializeOwned;
 use crate::error::{ApiError, FieldProblem};
 
 /// Reads and parses a JSON body of at most `limit` bytes.
-pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: Payload, limit: usize) -> Result<T, ApiError> {
+pub async fn read_json<T: DeserializeOwned>(
+    req: &HttpRequest,
+    mut payload: Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
     check_content_type(req)?;
     let declared = req
         .headers()
@@ -37,13 +41,12 @@ pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: Payl
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
+        let path = shared::kinds::field_path(e.path(), e.inner());
         let inner = e.into_inner();
         match inner.classify() {
-            serde_json::error::Category::Data => ApiError::Validation(vec![FieldProblem::new(
-                if path == "." { String::new() } else { path },
-                strip_position(&inner.to_string()),
-            )]),
+            serde_json::error::Category::Data => {
+                ApiError::Validation(vec![FieldProblem::new(path, strip_position(&inner.to_string()))])
+            }
             serde_json::error::Category::Io
             | serde_json::error::Category::Syntax
             | serde_json::error::Category::Eof => malformed(&inner),
@@ -68,7 +71,9 @@ fn strip_position(message: &str) -> String {
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
-        return Err(ApiError::UnsupportedMediaType("send the body as Content-Type: application/json".into()));
+        return Err(ApiError::UnsupportedMediaType(
+            "send the body as Content-Type: application/json".into(),
+        ));
     };
     let essence = value
         .to_str()
@@ -100,7 +105,10 @@ mod tests {
     #[test]
     fn syntax_errors_are_400_and_shape_errors_422_with_the_path() {
         assert!(matches!(parse_json::<Shape>(b"{\"n\": "), Err(ApiError::BadRequest(_))));
-        assert!(matches!(parse_json::<Shape>(b"{} trailing"), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            parse_json::<Shape>(br#"{"n": 1} trailing"#),
+            Err(ApiError::BadRequest(_))
+        ));
         match parse_json::<Shape>(br#"{"n": "x"}"#) {
             Err(ApiError::Validation(errors)) => assert_eq!(errors[0].field, "n"),
             other => panic!("unexpected: {other:?}"),

@@ -42,7 +42,11 @@ impl Application {
         let listener = TcpListener::bind(&address).with_context(|| format!("Failed to bind {address}"))?;
         let port = listener.local_addr()?.port();
         let queues = settings.queues.keys().cloned().collect();
-        let publisher = Publisher::new(&settings.amqp, queues, &format!("conveyor-api-{}", uuid::Uuid::now_v7()));
+        let publisher = Publisher::new(
+            &settings.amqp,
+            queues,
+            &format!("conveyor-api-{}", uuid::Uuid::now_v7()),
+        );
         if !publisher.is_ready().await {
             tracing::warn!("RabbitMQ is not reachable yet; jobs are accepted and published once it is");
         }
@@ -50,7 +54,11 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
-        let state = web::Data::new(AppState { settings, pool, publisher });
+        let state = web::Data::new(AppState {
+            settings,
+            pool,
+            publisher,
+        });
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

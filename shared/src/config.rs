@@ -112,8 +112,8 @@ impl Settings {
     /// Builds settings from the defaults, an optional file and the given
     /// environment (passed in, so that tests need not mutate the process's).
     pub fn from_layers(file: Option<&Path>, vars: &[(String, String)]) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(file) = file {
             if !file.is_file() {
                 return Err(ConfigError(format!("config file {} does not exist", file.display())));
@@ -177,19 +177,24 @@ impl Settings {
             "http.body_limit_bytes must be at least 1024".into()
         })?;
         let jobs = &self.jobs;
-        check(jobs.max_attempts_limit >= 1, || "jobs.max_attempts_limit must be at least 1".into())?;
+        check(jobs.max_attempts_limit >= 1, || {
+            "jobs.max_attempts_limit must be at least 1".into()
+        })?;
         check(jobs.timeout_seconds_limit >= 1, || {
             "jobs.timeout_seconds_limit must be at least 1".into()
         })?;
-        check((1..=jobs.max_attempts_limit).contains(&jobs.default_max_attempts), || {
-            "jobs.default_max_attempts must be between 1 and jobs.max_attempts_limit".into()
-        })?;
-        check((1..=jobs.timeout_seconds_limit).contains(&jobs.default_timeout_seconds), || {
-            "jobs.default_timeout_seconds must be between 1 and jobs.timeout_seconds_limit".into()
-        })?;
-        check(jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms, || {
-            "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into()
-        })?;
+        check(
+            (1..=jobs.max_attempts_limit).contains(&jobs.default_max_attempts),
+            || "jobs.default_max_attempts must be between 1 and jobs.max_attempts_limit".into(),
+        )?;
+        check(
+            (1..=jobs.timeout_seconds_limit).contains(&jobs.default_timeout_seconds),
+            || "jobs.default_timeout_seconds must be between 1 and jobs.timeout_seconds_limit".into(),
+        )?;
+        check(
+            jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms,
+            || "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into(),
+        )?;
         check(!self.queues.is_empty(), || "queues must name at least one queue".into())?;
         for (name, queue) in &self.queues {
             check(is_name(name), || {
@@ -198,7 +203,9 @@ impl Settings {
             check(queue.weight >= 1, || format!("queues.{name}.weight must be at least 1"))?;
         }
         self.check_worker_queues(&self.worker.queues)?;
-        check(self.worker.concurrency >= 1, || "worker.concurrency must be at least 1".into())?;
+        check(self.worker.concurrency >= 1, || {
+            "worker.concurrency must be at least 1".into()
+        })?;
         Ok(())
     }
 

@@ -1,8 +1,8 @@
 //! The job model of SPEC §3: a job's states, its stored record and its error.
 
 use std::fmt;
-use std::time::Duration;
 use std::str::FromStr;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -186,8 +186,9 @@ pub fn retry_delay(attempt: i32, base: Duration, cap: Duration) -> Duration {
 
 /// The upper bound of [`retry_delay`] for `attempt`.
 pub fn retry_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
-    let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(32);
-    base.saturating_mul(1 << doublings).min(cap)
+    let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0);
+    2u32.checked_pow(doublings)
+        .map_or(cap, |factor| base.saturating_mul(factor).min(cap))
 }
 
 #[cfg(test)]
@@ -204,7 +205,10 @@ mod tests {
         assert_eq!(retry_ceiling(1000, base, cap), Duration::from_secs(3600));
         for attempt in 1..20 {
             let delay = retry_delay(attempt, base, cap);
-            assert!(delay <= retry_ceiling(attempt, base, cap), "attempt {attempt}: {delay:?}");
+            assert!(
+                delay <= retry_ceiling(attempt, base, cap),
+                "attempt {attempt}: {delay:?}"
+            );
         }
     }
 
@@ -220,6 +224,9 @@ mod tests {
     #[test]
     fn only_succeeded_failed_and_cancelled_are_terminal() {
         let terminal: Vec<_> = JobStatus::ALL.into_iter().filter(|s| s.is_terminal()).collect();
-        assert_eq!(terminal, [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled]);
+        assert_eq!(
+            terminal,
+            [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled]
+        );
     }
 }

@@ -24,7 +24,10 @@ pub struct AmqpNamespace {
 impl AmqpNamespace {
     pub fn new(queues: &[&str]) -> Self {
         let name = format!("test-{}", uuid::Uuid::now_v7().simple());
-        Self { name, queues: queues.iter().map(|q| (*q).to_owned()).collect() }
+        Self {
+            name,
+            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+        }
     }
 }
 
@@ -37,19 +40,27 @@ impl Drop for AmqpNamespace {
         // Drop cannot await, and the test's runtime may be shutting down: clean
         // up on a thread of our own with a small runtime.
         let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
             rt.block_on(async move {
                 let settings = crate::config::AmqpSettings {
                     url: amqp_url(),
                     namespace: "cleanup".to_owned(),
                     confirm_timeout_ms: 5000,
                 };
-                let Ok(connection) = rabbitmq::connect(&settings, "conveyor-test-cleanup").await else { return };
-                let Ok(channel) = connection.create_channel().await else { return };
+                let Ok(connection) = rabbitmq::connect(&settings, "conveyor-test-cleanup").await else {
+                    return;
+                };
+                let Ok(channel) = connection.create_channel().await else {
+                    return;
+                };
                 for queue in queues {
                     let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
                 }
-                let _ = channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
+                let _ = channel
+                    .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                    .await;
                 let _ = connection.close(200, "bye".into()).await;
             });
         });
@@ -77,4 +88,80 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
     settings.http.workers = 2;
     settings.database.migrate_on_start = false;
     settings
+}
+
+/// A short-lived connection and channel to the test broker, for looking at queues.
+async fn channel() -> lapin::Channel {
+    let settings = crate::config::AmqpSettings {
+        url: amqp_url(),
+        namespace: "inspect".to_owned(),
+        confirm_timeout_ms: 5000,
+    };
+    let connection = match rabbitmq::connect(&settings, "conveyor-test-inspect").await {
+        Ok(connection) => connection,
+        Err(e) => panic!("tests need RabbitMQ at {}: {e}", amqp_url()),
+    };
+    match connection.create_channel().await {
+        Ok(channel) => channel,
+        Err(e) => panic!("could not open a channel: {e}"),
+    }
+}
+
+impl AmqpNamespace {
+    /// Messages ready in Conveyor queue `queue` (not counting unacknowledged ones).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.depth_of(&Names::new(&self.name).queue(queue)).await
+    }
+
+    /// Messages ready in the dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        self.depth_of(&Names::new(&self.name).dead_letter_queue()).await
+    }
+
+    async fn depth_of(&self, rabbit_queue: &str) -> u32 {
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        match channel()
+            .await
+            .queue_declare(rabbit_queue.into(), options, Default::default())
+            .await
+        {
+            Ok(queue) => queue.message_count(),
+            Err(e) => panic!("queue {rabbit_queue} does not exist: {e}"),
+        }
+    }
+
+    /// Takes one message off Conveyor queue `queue`, in the order a consumer would get it.
+    pub async fn take(&self, queue: &str) -> Option<Vec<u8>> {
+        let rabbit_queue = Names::new(&self.name).queue(queue);
+        let options = lapin::options::BasicGetOptions { no_ack: true };
+        match channel().await.basic_get(rabbit_queue.into(), options).await {
+            Ok(message) => message.map(|m| m.delivery.data),
+            Err(e) => panic!("basic.get failed: {e}"),
+        }
+    }
+
+    /// Publishes raw bytes to Conveyor queue `queue`, as a misbehaving producer would.
+    pub async fn publish_raw(&self, queue: &str, body: &[u8]) {
+        let channel = channel().await;
+        let confirmed = async {
+            channel.confirm_select(Default::default()).await?;
+            let rabbit_queue = Names::new(&self.name).queue(queue);
+            channel
+                .basic_publish(
+                    "".into(),
+                    rabbit_queue.into(),
+                    Default::default(),
+                    body,
+                    Default::default(),
+                )
+                .await?
+                .await
+        };
+        if let Err(e) = confirmed.await {
+            panic!("raw publish failed: {e}");
+        }
+    }
 }

@@ -50,7 +50,12 @@ enum Ran {
 
 impl Executor {
     pub fn new(worker_id: Uuid, pool: PgPool, settings: JobSettings) -> Self {
-        Self { worker_id, pool, settings, stopping: CancellationToken::new() }
+        Self {
+            worker_id,
+            pool,
+            settings,
+            stopping: CancellationToken::new(),
+        }
     }
 
     /// Tells every running handler to stop (cooperatively).
@@ -163,7 +168,9 @@ impl Executor {
         let progress = tokio::spawn(async move {
             // Ends when the handler drops its context (the sender).
             while progress_rx.changed().await.is_ok() {
-                let Some(percent) = *progress_rx.borrow_and_update() else { continue };
+                let Some(percent) = *progress_rx.borrow_and_update() else {
+                    continue;
+                };
                 if let Err(e) = jobs::set_progress(&pool, id, attempt, i16::from(percent)).await {
                     tracing::debug!(error = %e, "could not record progress");
                 }
@@ -188,7 +195,11 @@ impl Executor {
     }
 
     fn outcome(&self, job: &Claimed, ran: Ran) -> Outcome {
-        let failure = |kind: FailureKind, message: String| JobFailure { message, kind, attempt: job.attempt };
+        let failure = |kind: FailureKind, message: String| JobFailure {
+            message,
+            kind,
+            attempt: job.attempt,
+        };
         let (kind, message) = match ran {
             Ran::Returned(Ok(result)) => return Outcome::Succeeded(result),
             Ran::Returned(Err(JobError::Cancelled)) if self.stopping.is_cancelled() => {
@@ -201,7 +212,10 @@ impl Executor {
             Ran::Returned(Err(JobError::Retryable(message))) => (FailureKind::Retryable, message),
             Ran::Returned(Err(JobError::Permanent(message))) => (FailureKind::Permanent, message),
             Ran::Panicked(message) => (FailureKind::Panic, format!("handler panicked: {message}")),
-            Ran::TimedOut => (FailureKind::Timeout, format!("timed out after {} s", job.timeout_seconds)),
+            Ran::TimedOut => (
+                FailureKind::Timeout,
+                format!("timed out after {} s", job.timeout_seconds),
+            ),
         };
         let error = failure(kind, message);
         if kind.is_retryable() && job.attempt < job.max_attempts {
@@ -216,7 +230,10 @@ impl Executor {
 
 /// Nacks a delivery: back to its queue (`requeue`) or to the dead-letter queue.
 async fn reject(delivery: &Delivery, requeue: bool) {
-    let options = BasicNackOptions { requeue, ..BasicNackOptions::default() };
+    let options = BasicNackOptions {
+        requeue,
+        ..BasicNackOptions::default()
+    };
     if let Err(e) = delivery.acker.nack(options).await {
         tracing::warn!(error = %e, requeue, "could not reject a message");
     }
@@ -225,6 +242,8 @@ async fn reject(delivery: &Delivery, requeue: bool) {
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     match panic.downcast::<String>() {
         Ok(message) => *message,
-        Err(panic) => panic.downcast_ref::<&str>().map_or_else(|| "non-string panic".to_owned(), |s| (*s).to_owned()),
+        Err(panic) => panic
+            .downcast_ref::<&str>()
+            .map_or_else(|| "non-string panic".to_owned(), |s| (*s).to_owned()),
     }
 }

@@ -32,7 +32,10 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn from_settings(settings: &Settings) -> Self {
-        Self { queues: settings.worker.queues.clone(), concurrency: settings.worker.concurrency }
+        Self {
+            queues: settings.worker.queues.clone(),
+            concurrency: settings.worker.concurrency,
+        }
     }
 }
 
@@ -50,7 +53,12 @@ impl Worker {
     pub fn new(settings: Settings, pool: PgPool, config: WorkerConfig) -> anyhow::Result<Self> {
         settings.check_worker_queues(&config.queues)?;
         anyhow::ensure!(config.concurrency >= 1, "concurrency must be at least 1");
-        Ok(Self { id: Uuid::now_v7(), settings, pool, config })
+        Ok(Self {
+            id: Uuid::now_v7(),
+            settings,
+            pool,
+            config,
+        })
     }
 
     pub fn id(&self) -> Uuid {
@@ -83,11 +91,21 @@ impl Worker {
         let stop = shutdown.child_token();
         let loops = TaskTracker::new();
         for consumer in consumers {
-            loops.spawn(consume(consumer, executor.clone(), slots.clone(), jobs.clone(), stop.clone()));
+            loops.spawn(consume(
+                consumer,
+                executor.clone(),
+                slots.clone(),
+                jobs.clone(),
+                stop.clone(),
+            ));
         }
         loops.close();
         loops.wait().await;
-        let reason = if shutdown.is_cancelled() { "shutdown" } else { "consumer stopped" };
+        let reason = if shutdown.is_cancelled() {
+            "shutdown"
+        } else {
+            "consumer stopped"
+        };
         tracing::info!(worker.id = %self.id, reason, in_flight = jobs.len(), "worker stopping; waiting for running jobs");
 
         jobs.close();
@@ -102,7 +120,11 @@ impl Worker {
         let _ = channel.close(200, "worker stopping".into()).await;
         let _ = connection.close(200, "worker stopping".into()).await;
         tracing::info!(worker.id = %self.id, "worker stopped");
-        if shutdown.is_cancelled() { Ok(()) } else { anyhow::bail!("a consumer stopped unexpectedly") }
+        if shutdown.is_cancelled() {
+            Ok(())
+        } else {
+            anyhow::bail!("a consumer stopped unexpectedly")
+        }
     }
 }
 

@@ -58,11 +58,15 @@ pub async fn mark_published(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<(
 
 /// One of `tenant`'s jobs; another tenant's id is simply not found.
 pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1 AND tenant = $2"))
-        .bind(id)
-        .bind(tenant)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM jobs WHERE id = $1 AND tenant = $2"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await
 }
 
 /// Filters of [`list`]; `None` matches everything.
@@ -117,7 +121,12 @@ pub struct Claimed {
 /// Claims a queued job for `worker`: queued → running, attempt + 1, with a
 /// lease until `lease_seconds` past the job's timeout. `None` when the job is
 /// not queued (already claimed, terminal, cancelled) or does not exist.
-pub async fn claim(db: impl PgExecutor<'_>, id: Uuid, worker: Uuid, lease_seconds: i32) -> sqlx::Result<Option<Claimed>> {
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    worker: Uuid,
+    lease_seconds: i32,
+) -> sqlx::Result<Option<Claimed>> {
     sqlx::query_as(
         "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(), \
                          updated_at = now(), progress = NULL, lease_owner = $2, \
@@ -148,7 +157,10 @@ pub async fn status(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Jo
 pub enum Outcome {
     Succeeded(Value),
     /// Failed with attempts left: waits in `retrying` until `retry_at`.
-    Retrying { error: JobFailure, retry_at: DateTime<Utc> },
+    Retrying {
+        error: JobFailure,
+        retry_at: DateTime<Utc>,
+    },
     Failed(JobFailure),
     Cancelled(JobFailure),
 }

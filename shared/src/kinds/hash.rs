@@ -40,7 +40,10 @@ impl JobKind for Hash {
 
     fn validate(payload: &HashPayload) -> Result<(), FieldError> {
         if !(1..=MAX_ITERATIONS).contains(&payload.iterations) {
-            return Err(FieldError::new("iterations", format!("must be between 1 and {MAX_ITERATIONS}")));
+            return Err(FieldError::new(
+                "iterations",
+                format!("must be between 1 and {MAX_ITERATIONS}"),
+            ));
         }
         Ok(())
     }
@@ -56,8 +59,12 @@ impl JobKind for Hash {
             }
             Ok(digest)
         });
-        let digest = work.await.map_err(|e| JobError::Retryable(format!("hash task failed: {e}")))??;
-        Ok(HashOutput { digest: to_hex(&digest) })
+        let digest = work
+            .await
+            .map_err(|e| JobError::Retryable(format!("hash task failed: {e}")))??;
+        Ok(HashOutput {
+            digest: to_hex(&digest),
+        })
     }
 }
 

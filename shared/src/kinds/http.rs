@@ -95,7 +95,10 @@ impl JobKind for Http {
 
     fn validate(payload: &HttpPayload) -> Result<(), FieldError> {
         if !(1..=MAX_TIMEOUT_MS).contains(&payload.timeout_ms) {
-            return Err(FieldError::new("timeout_ms", format!("must be between 1 and {MAX_TIMEOUT_MS}")));
+            return Err(FieldError::new(
+                "timeout_ms",
+                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+            ));
         }
         if let Some(status) = payload.expect_status
             && !(100..=599).contains(&status)
@@ -117,7 +120,10 @@ impl JobKind for Http {
             None => builder,
         };
         let send = async {
-            let mut response = builder.send().await.map_err(|e| JobError::Retryable(network_error(&e)))?;
+            let mut response = builder
+                .send()
+                .await
+                .map_err(|e| JobError::Retryable(network_error(&e)))?;
             let status = response.status();
             let mut body = Vec::new();
             while body.len() < MAX_BODY_BYTES {
@@ -134,9 +140,14 @@ impl JobKind for Http {
             () = ctx.cancelled() => return Err(JobError::Cancelled),
             answer = send => answer?,
         };
-        let ok = payload.expect_status.map_or(status.is_success(), |want| status.as_u16() == want);
+        let ok = payload
+            .expect_status
+            .map_or(status.is_success(), |want| status.as_u16() == want);
         if ok {
-            return Ok(HttpOutput { status: status.as_u16(), body });
+            return Ok(HttpOutput {
+                status: status.as_u16(),
+                body,
+            });
         }
         let message = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
         if status.is_server_error() {

@@ -56,10 +56,7 @@ pub trait JobKind: 'static {
     }
 
     /// Runs one attempt.
-    fn run(
-        payload: Self::Payload,
-        ctx: JobContext,
-    ) -> impl Future<Output = Result<Self::Output, JobError>> + Send;
+    fn run(payload: Self::Payload, ctx: JobContext) -> impl Future<Output = Result<Self::Output, JobError>> + Send;
 }
 
 /// A payload problem, with the path of the offending field inside `payload`.
@@ -72,7 +69,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -102,13 +102,13 @@ pub struct JobContext {
 impl JobContext {
     /// `progress` receives every [`report_progress`](Self::report_progress); the
     /// worker writes the latest value to the job.
-    pub fn new(
-        job_id: Uuid,
-        attempt: i32,
-        cancel: CancellationToken,
-        progress: watch::Sender<Option<u8>>,
-    ) -> Self {
-        Self { job_id, attempt, cancel, progress }
+    pub fn new(job_id: Uuid, attempt: i32, cancel: CancellationToken, progress: watch::Sender<Option<u8>>) -> Self {
+        Self {
+            job_id,
+            attempt,
+            cancel,
+            progress,
+        }
     }
 
     /// Resolves when the job should stop: cancelled by a client, or its worker is
@@ -139,7 +139,11 @@ pub struct Kind {
 
 impl Kind {
     pub const fn of<K: JobKind>() -> Self {
-        Self { name: K::NAME, validate: validate_erased::<K>, run: run_erased::<K> }
+        Self {
+            name: K::NAME,
+            validate: validate_erased::<K>,
+            run: run_erased::<K>,
+        }
     }
 
     /// Checks a submitted payload against the type.
@@ -161,12 +165,28 @@ impl std::fmt::Debug for Kind {
 
 fn parse<K: JobKind>(payload: &Value) -> Result<K::Payload, FieldError> {
     let payload: K::Payload = serde_path_to_error::deserialize(payload).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
+        let path = field_path(e.path(), e.inner());
         FieldError::new(path, e.into_inner().to_string())
     })?;
     K::validate(&payload)?;
     Ok(payload)
+}
+
+/// The dotted path of the field a serde error is about. A missing field is
+/// reported at its parent, with the field's own name only in the message; a
+/// client wants to be pointed at the field itself.
+pub fn field_path(path: &serde_path_to_error::Path, error: &impl std::fmt::Display) -> String {
+    let parent = path.to_string();
+    let parent = if parent == "." { String::new() } else { parent };
+    let message = error.to_string();
+    let named = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match named {
+        Some(field) if parent.is_empty() => field.to_owned(),
+        Some(field) => format!("{parent}.{field}"),
+        None => parent,
+    }
 }
 
 fn validate_erased<K: JobKind>(payload: &Value) -> Result<(), FieldError> {
@@ -175,12 +195,10 @@ fn validate_erased<K: JobKind>(payload: &Value) -> Result<(), FieldError> {
 
 fn run_erased<K: JobKind>(payload: Value, ctx: JobContext) -> BoxFuture<Result<Value, JobError>> {
     Box::pin(async move {
-        let payload = parse::<K>(&payload).map_err(|e| {
-            JobError::Permanent(format!("invalid payload at {:?}: {}", e.path, e.message))
-        })?;
+        let payload = parse::<K>(&payload)
+            .map_err(|e| JobError::Permanent(format!("invalid payload at {:?}: {}", e.path, e.message)))?;
         let output = K::run(payload, ctx).await?;
-        serde_json::to_value(output)
-            .map_err(|e| JobError::Permanent(format!("result is not JSON: {e}")))
+        serde_json::to_value(output).map_err(|e| JobError::Permanent(format!("result is not JSON: {e}")))
     })
 }
 
@@ -201,7 +219,9 @@ mod tests {
     #[test]
     fn a_payload_mismatch_names_the_field() {
         let sleep = find("sleep").map(|k| k.validate(&serde_json::json!({"ms": "soon"})));
-        let Some(Err(err)) = sleep else { panic!("accepted: {sleep:?}") };
+        let Some(Err(err)) = sleep else {
+            panic!("accepted: {sleep:?}")
+        };
         assert_eq!(err.path, "ms");
     }
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 pub mod rabbitmq;
 
-pub use rabbitmq::{Publisher, PublishError};
+pub use rabbitmq::{PublishError, Publisher};
 
 /// What a queue message says. Tagged and versioned by variant name, so a
 /// rolling upgrade can add `RunJobV2` while old messages still parse.
@@ -45,7 +45,9 @@ pub struct Names {
 
 impl Names {
     pub fn new(namespace: impl Into<String>) -> Self {
-        Self { namespace: namespace.into() }
+        Self {
+            namespace: namespace.into(),
+        }
     }
 
     /// The RabbitMQ queue that carries Conveyor queue `queue`.

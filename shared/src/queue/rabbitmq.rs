@@ -32,11 +32,22 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Conne
 /// queue per name in `queues`. Idempotent; every process declares what it
 /// uses at start, so no start order is needed.
 pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator<Item = &str>) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
     channel
-        .exchange_declare(names.dead_letter_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .exchange_declare(
+            names.dead_letter_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
         .await?;
-    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
         .queue_declare(names.dead_letter_queue().into(), durable, FieldTable::default())
         .await?;
@@ -55,7 +66,10 @@ pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator
         // sub-queue per level, so fewer levels would be cheaper but lossy.
         args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY as u8));
         // A rejected (unparseable) message goes to `ns.dead`, never into the void.
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_letter_exchange().into()));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(names.dead_letter_exchange().into()),
+        );
         channel.queue_declare(names.queue(queue).into(), durable, args).await?;
     }
     Ok(())
@@ -112,10 +126,11 @@ impl Publisher {
     async fn channel(&self) -> lapin::Result<Channel> {
         let inner = &self.inner;
         let mut link = inner.link.lock().await;
-        if let Some((connection, channel)) = link.as_ref() {
-            if connection.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some((connection, channel)) = link.as_ref()
+            && connection.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         *link = None;
         let connection = connect(&inner.settings, &inner.connection_name).await?;
@@ -164,16 +179,23 @@ impl Publisher {
         let channel = self.channel().await?;
         // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
         // of confirming a message that went nowhere.
-        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
         let confirm = channel
-            .basic_publish("".into(), ShortString::from(routing_key.clone()), options, &body, properties)
+            .basic_publish(
+                "".into(),
+                ShortString::from(routing_key.clone()),
+                options,
+                &body,
+                properties,
+            )
             .await?;
         match confirm.await? {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key)),
-            Confirmation::Nack(_) | Confirmation::NotRequested => {
-                Err(PublishError::Nacked)
-            }
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
         }
     }
 
@@ -204,7 +226,12 @@ pub async fn consume(
         // collides with its predecessor's consumers.
         let tag = format!("{consumer_tag_prefix}.{queue}");
         let consumer = channel
-            .basic_consume(names.queue(queue).into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                names.queue(queue).into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         consumers.push(consumer);
     }

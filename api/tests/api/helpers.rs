@@ -1,0 +1,270 @@
+//! `spawn_app`: the real API server on a random port and in-process workers,
+//! against the test's own database and RabbitMQ namespace.
+
+use std::future::Future;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use api::startup::Application;
+use serde_json::Value;
+use shared::config::Settings;
+use shared::job::{Job, JobStatus};
+use shared::testing::{AmqpNamespace, settings};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use worker::{Worker, WorkerConfig};
+
+/// Queues every test app has.
+pub const QUEUES: &[&str] = &["default", "critical"];
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    /// The app's own pool (the API and workers share it).
+    pub pool: PgPool,
+    pub settings: Settings,
+    pub amqp: AmqpNamespace,
+    server: ServerHandle,
+    workers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+}
+
+/// Starts the API for the database `#[sqlx::test]` created.
+pub async fn spawn_app(connect: PgConnectOptions) -> TestApp {
+    spawn_app_with(connect, |_| {}).await
+}
+
+/// Like [`spawn_app`], after `configure` edits the settings.
+pub async fn spawn_app_with(connect: PgConnectOptions, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        shared::telemetry::init(shared::config::LogFormat::Pretty);
+    }
+    let amqp = AmqpNamespace::new(QUEUES);
+    let mut settings = settings(&connect, &amqp);
+    settings.queues.insert(
+        "critical".to_owned(),
+        shared::config::QueueSettings {
+            max_depth: 1_000_000,
+            weight: 2,
+        },
+    );
+    configure(&mut settings);
+    let pool = PgPoolOptions::new()
+        .max_connections(32)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(connect);
+    let app = Application::build_with_pool(settings.clone(), pool.clone())
+        .await
+        .expect("the API starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let server = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        pool,
+        settings,
+        amqp,
+        server,
+        workers: Vec::new(),
+    }
+}
+
+impl TestApp {
+    /// Starts an in-process worker on `queues` with `concurrency` slots.
+    pub fn spawn_worker(&mut self, queues: &[&str], concurrency: u16) {
+        let config = WorkerConfig {
+            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+            concurrency,
+        };
+        let worker = Worker::new(self.settings.clone(), self.pool.clone(), config).expect("valid worker config");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        self.workers.push((shutdown, handle));
+    }
+
+    /// Stops workers, then the server, then closes the pool, so that
+    /// `#[sqlx::test]` can drop the database.
+    pub async fn stop(self) {
+        for (shutdown, _) in &self.workers {
+            shutdown.cancel();
+        }
+        for (_, handle) in self.workers {
+            match handle.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("worker failed: {e:#}"),
+                Err(e) => panic!("worker panicked: {e}"),
+            }
+        }
+        self.server.stop(true).await;
+        self.pool.close().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// `POST /v1/jobs` with a JSON body.
+    pub async fn submit(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Submits a job that must be accepted, and returns it.
+    pub async fn submit_ok(&self, body: &Value) -> Job {
+        let response = self.submit(body).await;
+        assert_eq!(response.status(), 202, "submission of {body} refused");
+        response.json().await.expect("a job in the body")
+    }
+
+    pub async fn get_job(&self, id: uuid::Uuid) -> Job {
+        let response = self
+            .client
+            .get(self.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), 200);
+        response.json().await.expect("a job in the body")
+    }
+
+    /// Polls the API until the job satisfies `done`, for at most `limit`.
+    pub async fn wait_for(&self, id: uuid::Uuid, limit: Duration, done: impl Fn(&Job) -> bool) -> Job {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let job = self.get_job(id).await;
+            if done(&job) {
+                return job;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("job {id} did not get there within {limit:?}; last seen: {job:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the job is terminal.
+    pub async fn wait_terminal(&self, id: uuid::Uuid) -> Job {
+        self.wait_for(id, Duration::from_secs(30), |job| job.status.is_terminal())
+            .await
+    }
+
+    /// Rows in `jobs`, to show that a refused request wrote nothing.
+    pub async fn job_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count jobs")
+    }
+
+    /// Jobs in `status`.
+    pub async fn count_in(&self, status: JobStatus) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1")
+            .bind(status.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .expect("count jobs")
+    }
+}
+
+/// Re-checks `condition` every few milliseconds until it holds (true) or
+/// `limit` passes (false). The bound keeps a broken test from hanging CI.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A local HTTP endpoint for `http` jobs: answers every request with the
+/// current status and records what it received.
+pub struct Endpoint {
+    pub url: String,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    server: ServerHandle,
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Endpoint {
+    pub async fn start(status: u16) -> Self {
+        use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+        use std::sync::atomic::Ordering;
+
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status));
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, r) = (status.clone(), received.clone());
+        let server = HttpServer::new(move || {
+            let (s, r) = (s.clone(), r.clone());
+            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+                let (s, r) = (s.clone(), r.clone());
+                async move {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                        .collect();
+                    if let Ok(mut log) = r.lock() {
+                        log.push(Received {
+                            method: req.method().to_string(),
+                            path: req.path().to_owned(),
+                            headers,
+                            body: String::from_utf8_lossy(&body).into_owned(),
+                        });
+                    }
+                    let code = actix_web::http::StatusCode::from_u16(s.load(Ordering::SeqCst))
+                        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+                    HttpResponse::build(code).body(format!("answered {}", code.as_u16()))
+                }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind("127.0.0.1:0")
+        .expect("bind");
+        let port = server.addrs()[0].port();
+        let server = server.run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            status,
+            received,
+            server: handle,
+        }
+    }
+
+    pub fn answer(&self, status: u16) {
+        self.status.store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().map(|log| log.clone()).unwrap_or_default()
+    }
+
+    pub async fn stop(self) {
+        self.server.stop(true).await;
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the API and workers, over HTTP, against the real
+//! Postgres (a fresh database per test, by `#[sqlx::test]`) and RabbitMQ (a
+//! fresh namespace per test).
+
+mod errors;
+mod helpers;
+mod kinds;
+mod list;
+mod pipeline;
+mod submit;

@@ -1,0 +1,135 @@
+//! The pipeline as a whole: many jobs through several workers, and what a
+//! worker does with messages it should not run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use shared::job::JobStatus;
+use shared::queue::Message;
+use sqlx::postgres::PgConnectOptions;
+
+use crate::helpers::{spawn_app, wait_until};
+use crate::submit::PgPoolOptionsUnused;
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    const JOBS: usize = 1000;
+    let mut app = spawn_app(connect).await;
+    for _ in 0..4 {
+        app.spawn_worker(&["default"], 8);
+    }
+
+    // Submit from 16 clients at once while the workers consume.
+    let app = Arc::new(app);
+    let submitters: Vec<_> = (0..16)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                for _ in 0..JOBS / 16 + 1 {
+                    app.submit_ok(&json!({"type": "noop"})).await;
+                }
+            })
+        })
+        .collect();
+    for submitter in submitters {
+        submitter.await.expect("submitter");
+    }
+    let submitted = app.job_count().await;
+    assert!(submitted >= JOBS as i64);
+
+    let all_done = wait_until(Duration::from_secs(120), || async {
+        app.count_in(JobStatus::Succeeded).await == submitted
+    })
+    .await;
+    assert!(
+        all_done,
+        "only {} of {submitted} succeeded",
+        app.count_in(JobStatus::Succeeded).await
+    );
+    // Each ran once: one claim each (attempt 1), by one of the four workers.
+    let (attempts, workers): (Vec<i32>, i64) = (
+        sqlx::query_scalar("SELECT DISTINCT attempt FROM jobs")
+            .fetch_all(&app.pool)
+            .await
+            .expect("query"),
+        sqlx::query_scalar("SELECT count(DISTINCT lease_owner) FROM jobs")
+            .fetch_one(&app.pool)
+            .await
+            .expect("query"),
+    );
+    assert_eq!(attempts, [1]);
+    assert_eq!(workers, 0, "finished jobs hold no lease");
+    assert_eq!(app.amqp.depth("default").await, 0, "every message consumed");
+    let app = Arc::into_inner(app).expect("submitters are done");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_worker_runs_at_most_its_concurrency_at_once(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app(connect).await;
+    for _ in 0..6 {
+        app.submit_ok(&json!({"type": "sleep", "payload": {"ms": 400}})).await;
+    }
+    app.spawn_worker(&["default"], 2);
+
+    let peak = AtomicI64::new(0);
+    let done = wait_until(Duration::from_secs(30), || async {
+        peak.fetch_max(app.count_in(JobStatus::Running).await, Ordering::SeqCst);
+        app.count_in(JobStatus::Succeeded).await == 6
+    })
+    .await;
+    assert!(done);
+    assert_eq!(peak.load(Ordering::SeqCst), 2, "two slots, both used, never more");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_unparseable_message_is_dead_lettered_not_dropped(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app(connect).await;
+    app.spawn_worker(&["default"], 2);
+    // Declared by the worker; wait until it consumes, then feed it garbage.
+    let job = app.submit_ok(&json!({"type": "noop"})).await;
+    app.wait_terminal(job.id).await;
+
+    app.amqp.publish_raw("default", b"{not json").await;
+    app.amqp.publish_raw("default", br#"{"kind":"launch_rockets"}"#).await;
+
+    assert!(wait_until(Duration::from_secs(10), || async { app.amqp.dead_letters().await == 2 }).await);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_duplicate_message_is_dropped_and_one_for_an_unknown_job_dead_lettered(
+    _: PgPoolOptionsUnused,
+    connect: PgConnectOptions,
+) {
+    let mut app = spawn_app(connect).await;
+    app.spawn_worker(&["default"], 2);
+    let job = app.submit_ok(&json!({"type": "echo", "payload": {"n": 1}})).await;
+    let first = app.wait_terminal(job.id).await;
+
+    // A second message for the finished job (as a republish would make).
+    let duplicate = serde_json::to_vec(&Message::RunJob { job_id: job.id }).expect("json");
+    app.amqp.publish_raw("default", &duplicate).await;
+    let unknown = serde_json::to_vec(&Message::RunJob {
+        job_id: uuid::Uuid::now_v7(),
+    })
+    .expect("json");
+    app.amqp.publish_raw("default", &unknown).await;
+
+    assert!(wait_until(Duration::from_secs(10), || async { app.amqp.dead_letters().await == 1 }).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.amqp.depth("default").await == 0
+        })
+        .await
+    );
+    assert_eq!(
+        app.get_job(job.id).await,
+        first,
+        "the duplicate did not run the job again"
+    );
+    app.stop().await;
+}
