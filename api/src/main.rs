@@ -1,32 +1,13 @@
 //! `api`: serves the HTTP API (the default) and runs admin commands.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use api::cli::{Cli, Command};
 use api::startup::Application;
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 use shared::config::Settings;
 use shared::db;
-
-/// Conveyor API server and admin CLI.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Cli {
-    /// TOML configuration file, layered over the built-in defaults.
-    #[arg(long, global = true, env = "CONVEYOR_CONFIG")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve the HTTP API (the default).
-    Serve,
-    /// Create the database if missing and apply pending migrations.
-    Migrate,
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -316,6 +316,47 @@ mod tests {
         assert!(error_of(&[("CONVEYOR__HTTP__PROT", "80")]).contains("prot"));
     }
 
+    /// Every key of the defaults file, dotted (`http.port`).
+    fn default_keys() -> Vec<String> {
+        fn walk(prefix: &str, value: config::Value, out: &mut Vec<String>) {
+            match value.into_table() {
+                Ok(table) => {
+                    for (key, value) in table {
+                        let path = if prefix.is_empty() {
+                            key
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        walk(&path, value, out);
+                    }
+                }
+                Err(_) => out.push(prefix.to_owned()),
+            }
+        }
+        let defaults = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.cache.into_table())
+            .expect("defaults parse");
+        let mut keys = Vec::new();
+        walk("", config::Value::from(defaults), &mut keys);
+        keys
+    }
+
+    #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../../README.md");
+        let keys = default_keys();
+        assert!(keys.len() > 15, "{keys:?}");
+        for key in keys {
+            let documented = key.replacen("queues.default.", "queues.<name>.", 1);
+            assert!(
+                readme.contains(&format!("| `{documented}` |")),
+                "README lacks a row for {documented}"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_config_file_is_an_error() {
         let err = Settings::from_layers(Some(Path::new("/nonexistent/conveyor.toml")), &[])

@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: the command line.
 //! - [`runner`]: the consume loop, concurrency limit and shutdown.
 //! - [`execute`]: one job from claim to recorded outcome.
 
+pub mod cli;
 pub mod execute;
 pub mod runner;
 

@@ -1,27 +1,11 @@
 //! `worker`: consumes Conveyor queues and runs jobs until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use shared::config::Settings;
 use tokio_util::sync::CancellationToken;
+use worker::cli::Cli;
 use worker::{Worker, WorkerConfig};
-
-/// Conveyor worker: runs the jobs of the given queues.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Cli {
-    /// TOML configuration file, layered over the built-in defaults.
-    #[arg(long, env = "CONVEYOR_CONFIG")]
-    config: Option<PathBuf>,
-    /// Queues to consume, comma-separated [default: worker.queues].
-    #[arg(long, value_delimiter = ',')]
-    queues: Option<Vec<String>>,
-    /// Jobs run at once [default: worker.concurrency].
-    #[arg(long)]
-    concurrency: Option<u16>,
-}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

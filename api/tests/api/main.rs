@@ -2,6 +2,7 @@
 //! Postgres (a fresh database per test, by `#[sqlx::test]`) and RabbitMQ (a
 //! fresh namespace per test).
 
+mod compose;
 mod errors;
 mod helpers;
 mod kinds;

@@ -1,0 +1,119 @@
+//! `compose.yaml` cannot be started here (no Docker engine), so it is kept
+//! honest by reading it: it parses, every service it depends on exists, every
+//! command is one the binaries accept, and every environment key is one the
+//! configuration knows (an unknown `CONVEYOR__…` key fails to load).
+
+use std::path::Path;
+
+use clap::Parser as _;
+use shared::config::Settings;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+}
+
+fn compose() -> Yaml {
+    let text = std::fs::read_to_string(root().join("compose.yaml")).expect("compose.yaml exists");
+    let mut docs = YamlLoader::load_from_str(&text).expect("compose.yaml parses");
+    assert_eq!(docs.len(), 1);
+    docs.remove(0)
+}
+
+fn strings(yaml: &Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// A service's environment as pairs, with `<<` merge keys resolved.
+fn environment(service: &Yaml) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    let Some(map) = service["environment"].as_hash() else {
+        return env;
+    };
+    for (key, value) in map {
+        match (key.as_str(), value) {
+            (Some("<<"), Yaml::Hash(merged)) => {
+                for (k, v) in merged {
+                    env.push((k.as_str().unwrap_or_default().to_owned(), scalar(v)));
+                }
+            }
+            (Some(key), value) => env.push((key.to_owned(), scalar(value))),
+            (None, _) => panic!("non-string environment key in {service:?}"),
+        }
+    }
+    env
+}
+
+fn scalar(value: &Yaml) -> String {
+    match value {
+        Yaml::String(s) | Yaml::Real(s) => s.clone(),
+        Yaml::Integer(i) => i.to_string(),
+        Yaml::Boolean(b) => b.to_string(),
+        other => panic!("environment values must be scalars, not {other:?}"),
+    }
+}
+
+#[test]
+fn compose_services_run_commands_and_settings_the_code_accepts() {
+    let compose = compose();
+    let services = compose["services"].as_hash().expect("services");
+    let names: Vec<&str> = services.keys().filter_map(Yaml::as_str).collect();
+    for expected in ["postgres", "rabbitmq", "migrate", "api", "worker", "nginx"] {
+        assert!(names.contains(&expected), "compose.yaml lacks service {expected}");
+    }
+
+    let mut built = 0;
+    for (name, service) in services {
+        let name = name.as_str().expect("service name");
+        if let Some(deps) = service["depends_on"].as_hash() {
+            for dep in deps.keys().filter_map(Yaml::as_str) {
+                assert!(names.contains(&dep), "{name} depends on unknown service {dep}");
+            }
+        }
+        if service["build"].as_str() != Some(".") {
+            continue;
+        }
+        built += 1;
+        let env = environment(service);
+        for (key, _) in &env {
+            assert!(
+                key.starts_with("CONVEYOR__") || ["DATABASE_URL", "AMQP_URL", "RUST_LOG"].contains(&key.as_str()),
+                "{name}: environment key {key} is not read by Conveyor"
+            );
+        }
+        let settings = Settings::from_layers(None, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let command = strings(&service["command"]);
+        match command.first().map(String::as_str) {
+            Some("api") => {
+                api::cli::Cli::try_parse_from(&command).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            Some("worker") => {
+                let cli = worker::cli::Cli::try_parse_from(&command).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let queues = cli.queues.unwrap_or(settings.worker.queues.clone());
+                settings
+                    .check_worker_queues(&queues)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            other => panic!("{name}: unexpected command {other:?}"),
+        }
+    }
+    assert_eq!(built, 3, "migrate, api and worker run the project's image");
+    assert_eq!(
+        services[&Yaml::from_str("api")]["environment"]["CONVEYOR__HTTP__HOST"].as_str(),
+        Some("0.0.0.0")
+    );
+}
+
+#[test]
+fn files_compose_refers_to_exist() {
+    for file in ["Dockerfile", "deploy/nginx.conf"] {
+        assert!(root().join(file).is_file(), "{file} is missing");
+    }
+    let compose = compose();
+    let nginx = strings(&compose["services"]["nginx"]["volumes"]);
+    assert!(nginx.iter().any(|v| v.starts_with("./deploy/nginx.conf:")));
+}
