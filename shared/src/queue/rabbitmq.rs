@@ -151,52 +151,45 @@ impl Publisher {
         request_id: Option<&str>,
     ) -> Result<(), PublishError> {
         let timeout = self.inner.settings.confirm_timeout();
-        tokio::time::timeout(timeout, self.publish_job_inner(queue, job_id, priority, request_id))
+        let publish = async {
+            let body = serde_json::to_vec(&Message::RunJob { job_id }).unwrap_or_default();
+            let mut headers = FieldTable::default();
+            if let Some(request_id) = request_id {
+                headers.insert("x-request-id".into(), AMQPValue::LongString(request_id.into()));
+            }
+            let properties = BasicProperties::default()
+                .with_delivery_mode(PERSISTENT)
+                .with_priority(u8::try_from(priority.clamp(0, MAX_PRIORITY)).unwrap_or(0))
+                .with_content_type("application/json".into())
+                .with_message_id(job_id.to_string().into())
+                .with_app_id("conveyor".into())
+                .with_headers(headers);
+            let routing_key = self.inner.names.queue(queue);
+            let channel = self.channel().await?;
+            // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
+            // of confirming a message that went nowhere.
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    ShortString::from(routing_key.clone()),
+                    options,
+                    &body,
+                    properties,
+                )
+                .await?;
+            match confirm.await? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key)),
+                Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+            }
+        };
+        tokio::time::timeout(timeout, publish)
             .await
             .map_err(|_| PublishError::Timeout(timeout))?
-    }
-
-    async fn publish_job_inner(
-        &self,
-        queue: &str,
-        job_id: Uuid,
-        priority: i16,
-        request_id: Option<&str>,
-    ) -> Result<(), PublishError> {
-        let body = serde_json::to_vec(&Message::RunJob { job_id }).unwrap_or_default();
-        let mut headers = FieldTable::default();
-        if let Some(request_id) = request_id {
-            headers.insert("x-request-id".into(), AMQPValue::LongString(request_id.into()));
-        }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_priority(u8::try_from(priority.clamp(0, MAX_PRIORITY)).unwrap_or(0))
-            .with_content_type("application/json".into())
-            .with_message_id(job_id.to_string().into())
-            .with_app_id("conveyor".into())
-            .with_headers(headers);
-        let routing_key = self.inner.names.queue(queue);
-        let channel = self.channel().await?;
-        // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
-        // of confirming a message that went nowhere.
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                ShortString::from(routing_key.clone()),
-                options,
-                &body,
-                properties,
-            )
-            .await?;
-        match confirm.await? {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key)),
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
-        }
     }
 
     /// Whether the broker answers: used by `/readyz`.
