@@ -1,5 +1,5 @@
 //! Logging set-up shared by both binaries: `tracing` to stderr, pretty or
-//! JSON by configuration, filtered by `RUST_LOG` (default `info`).
+//! JSON by configuration, filtered by `RUST_LOG` (default `info`, Postgres notices at `warn`).
 
 use tracing_subscriber::EnvFilter;
 
@@ -7,7 +7,10 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Safe to call more than once (tests do): later calls are no-ops.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // sqlx relays every Postgres NOTICE at info, including the harmless "already
+    // exists, skipping" of each idempotent migration run: quiet by default.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -7,5 +7,6 @@ mod errors;
 mod helpers;
 mod kinds;
 mod list;
+mod migrate;
 mod pipeline;
 mod submit;
