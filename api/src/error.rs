@@ -33,12 +33,21 @@ pub enum ApiError {
     /// 400: the request cannot be read (malformed JSON, id or query string).
     #[error("{0}")]
     BadRequest(String),
+    /// 401: no token, or one that is malformed, unknown, revoked or expired.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: a valid token without the scope the route needs.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such route, or no such job for this tenant.
     #[error("{0}")]
     NotFound(String),
     /// 405: the route exists, the method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 409: the job is not in a state that allows this.
+    #[error("{0}")]
+    Conflict(String),
     /// 413: the body is larger than `http.body_limit_bytes`.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -63,7 +72,10 @@ impl ApiError {
     fn slug(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad-request",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
+            Self::Conflict(_) => "conflict",
             Self::MethodNotAllowed => "method-not-allowed",
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
@@ -105,7 +117,10 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -149,6 +164,10 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750 §3: tell the client which scheme to use.
+            response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS)));
         }

@@ -12,6 +12,7 @@ use shared::db;
 use shared::queue::Publisher;
 use sqlx::PgPool;
 
+use crate::auth::Authenticator;
 use crate::routes;
 
 /// What every request handler can reach.
@@ -19,6 +20,7 @@ pub struct AppState {
     pub settings: Settings,
     pub pool: PgPool,
     pub publisher: Publisher,
+    pub auth: Authenticator,
 }
 
 pub struct Application {
@@ -38,6 +40,7 @@ impl Application {
 
     /// Binds the server on `http.host:http.port` with an existing pool.
     pub async fn build_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<Self> {
+        let auth = Authenticator::new(&settings.auth)?;
         let address = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&address).with_context(|| format!("Failed to bind {address}"))?;
         let port = listener.local_addr()?.port();
@@ -58,6 +61,7 @@ impl Application {
             settings,
             pool,
             publisher,
+            auth,
         });
         let server = HttpServer::new(move || {
             App::new()

@@ -18,12 +18,20 @@ pub const DEFAULTS: &str = include_str!("../config.default.toml");
 #[error("configuration: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    /// `message` must start with the key it is about.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
     pub amqp: AmqpSettings,
     pub http: HttpSettings,
+    pub auth: AuthSettings,
     pub jobs: JobSettings,
     pub queues: BTreeMap<String, QueueSettings>,
     pub worker: WorkerSettings,
@@ -56,6 +64,32 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
 }
 
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub jwt_hs256_secret: String,
+    pub jwt_rs256_public_key_file: String,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub key_cache_ttl_ms: u64,
+}
+
+/// Hand-written so that the JWT secret never reaches a log.
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field(
+                "jwt_hs256_secret",
+                &if self.jwt_hs256_secret.is_empty() { "" } else { "***" },
+            )
+            .field("jwt_rs256_public_key_file", &self.jwt_rs256_public_key_file)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("key_cache_ttl_ms", &self.key_cache_ttl_ms)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSettings {
@@ -67,11 +101,22 @@ pub struct JobSettings {
     pub retry_backoff_cap_ms: u64,
 }
 
+/// A queue's settings; both keys may be left out (a queue is then declared by
+/// naming it alone, e.g. `CONVEYOR__QUEUES__CRITICAL__WEIGHT=2`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct QueueSettings {
     pub max_depth: u64,
     pub weight: u32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_depth: 1_000_000,
+            weight: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +125,7 @@ pub struct WorkerSettings {
     pub queues: Vec<String>,
     pub concurrency: u16,
     pub shutdown_grace_seconds: u64,
+    pub heartbeat_seconds: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -175,6 +221,13 @@ impl Settings {
         })?;
         check(self.http.body_limit_bytes >= 1024, || {
             "http.body_limit_bytes must be at least 1024".into()
+        })?;
+        check(
+            self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32,
+            || "auth.jwt_hs256_secret must be at least 32 bytes (or empty to turn HS256 off)".into(),
+        )?;
+        check(self.auth.key_cache_ttl_ms <= 60_000, || {
+            "auth.key_cache_ttl_ms must be at most 60000: it bounds how long a revoked key still works".into()
         })?;
         let jobs = &self.jobs;
         check(jobs.max_attempts_limit >= 1, || {
@@ -285,7 +338,6 @@ mod tests {
             &env(&[
                 ("CONVEYOR__HTTP__PORT", "9999"),
                 ("CONVEYOR__WORKER__QUEUES", "critical,default"),
-                ("CONVEYOR__QUEUES__CRITICAL__MAX_DEPTH", "10"),
                 ("CONVEYOR__QUEUES__CRITICAL__WEIGHT", "3"),
                 ("CONVEYOR__DATABASE__URL", "postgres://ignored/db"),
                 ("DATABASE_URL", "postgres://u@h/db"),
@@ -297,6 +349,10 @@ mod tests {
         assert_eq!(s.http.port, 9999);
         assert_eq!(s.worker.queues, ["critical", "default"]);
         assert_eq!(s.queues["critical"].weight, 3);
+        assert_eq!(
+            s.queues["critical"].max_depth, 1_000_000,
+            "left-out keys take their defaults"
+        );
         assert_eq!(s.database.url, "postgres://u@h/db");
         assert_eq!(s.amqp.url, "amqp://h:5672/v");
     }

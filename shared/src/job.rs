@@ -146,6 +146,10 @@ pub struct Job {
     pub error: Option<JobFailure>,
     pub idempotency_key: Option<String>,
     pub request_id: Option<String>,
+    /// Times an operator requeued the job after it failed or was cancelled.
+    pub requeue_count: i32,
+    /// Set when a client asked to cancel the job while it was running.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -175,6 +179,16 @@ pub const DEFAULT_TENANT: &str = "default";
 /// Highest priority a job may have; RabbitMQ queues are declared with it as `x-max-priority`.
 pub const MAX_PRIORITY: i16 = 9;
 
+/// The smallest UUIDv7 minted at `at`: every v7 id minted before `at` is smaller.
+pub fn first_id_at(at: DateTime<Utc>) -> Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+    bytes[6] = 0x70; // version 7
+    bytes[8] = 0x80; // RFC 4122 variant
+    Uuid::from_bytes(bytes)
+}
+
 /// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
 /// Full jitter spreads a burst of failures out the most for the same mean wait
 /// (see AWS's "Exponential Backoff and Jitter").
@@ -194,6 +208,17 @@ pub fn retry_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_id_at_a_time_sorts_between_ids_minted_before_and_after() {
+        let before = Uuid::now_v7();
+        std::thread::sleep(Duration::from_millis(2));
+        let bound = first_id_at(Utc::now());
+        std::thread::sleep(Duration::from_millis(2));
+        let after = Uuid::now_v7();
+        assert!(before < bound && bound < after, "{before} < {bound} < {after}");
+        assert_eq!(bound.get_version_num(), 7);
+    }
 
     #[test]
     fn retry_delays_grow_exponentially_within_the_cap() {

@@ -3,19 +3,23 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: argument parsing with one-line usage errors.
 //! - [`config`]: layered settings (defaults, file, environment), validated once.
 //! - [`job`]: job states, the stored job, failures.
 //! - [`kinds`]: the job types and their registry.
 //! - [`db`]: the pool, migrations, and every query on `jobs`.
+//! - [`outbox`]: publishing committed jobs and recording the confirms.
 //! - [`queue`]: the RabbitMQ message, topology and publisher.
 //! - [`signal`]: SIGINT/SIGTERM handling.
 //! - [`telemetry`]: logging set-up.
 //! - `testing` (feature `test-util`): per-test namespaces for integration tests.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod job;
 pub mod kinds;
+pub mod outbox;
 pub mod queue;
 pub mod signal;
 pub mod telemetry;

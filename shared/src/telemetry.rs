@@ -9,8 +9,17 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat) {
     // sqlx relays every Postgres NOTICE at info, including the harmless "already
     // exists, skipping" of each idempotent migration run: quiet by default.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    install(format, "info,sqlx::postgres::notice=warn");
+}
+
+/// Like [`init`], but only warnings and errors unless `RUST_LOG` says more:
+/// for CLI commands, whose output is their result.
+pub fn init_quiet(format: LogFormat) {
+    install(format, "warn");
+}
+
+fn install(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,19 +1,24 @@
 //! `worker`: consumes Conveyor queues and runs jobs until SIGINT or SIGTERM.
 
+use std::process::ExitCode;
+
 use anyhow::Context as _;
-use clap::Parser as _;
 use shared::config::Settings;
 use tokio_util::sync::CancellationToken;
 use worker::cli::Cli;
 use worker::{Worker, WorkerConfig};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+async fn main() -> ExitCode {
+    let cli = match shared::cli::parse::<Cli>("worker") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("worker: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

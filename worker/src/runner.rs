@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use futures_lite::StreamExt as _;
 use lapin::Consumer;
 use shared::config::Settings;
+use shared::db::workers;
 use shared::queue::{Names, rabbitmq};
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -86,6 +87,13 @@ impl Worker {
 
         let executor = Arc::new(Executor::new(self.id, self.pool.clone(), self.settings.jobs.clone()));
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));
+        let heartbeat = tokio::spawn(heartbeat(
+            self.id,
+            self.pool.clone(),
+            self.config.clone(),
+            Duration::from_secs(u64::from(self.settings.worker.heartbeat_seconds)),
+            slots.clone(),
+        ));
         let jobs = TaskTracker::new();
         // Stops the consume loops, on shutdown or when one of them fails.
         let stop = shutdown.child_token();
@@ -115,6 +123,10 @@ impl Worker {
             executor.stop_all();
             jobs.wait().await;
         }
+        heartbeat.abort();
+        if let Err(e) = workers::deregister(&self.pool, self.id).await {
+            tracing::warn!(worker.id = %self.id, error = %e, "could not deregister");
+        }
         // Closing the channel returns unacknowledged (prefetched, unclaimed)
         // messages to their queues at once.
         let _ = channel.close(200, "worker stopping".into()).await;
@@ -126,6 +138,32 @@ impl Worker {
             anyhow::bail!("a consumer stopped unexpectedly")
         }
     }
+}
+
+/// Registers the worker, then records every `interval` that it is alive and
+/// how many jobs it runs, until aborted.
+async fn heartbeat(id: Uuid, pool: PgPool, config: WorkerConfig, interval: Duration, slots: Arc<Semaphore>) {
+    let host = host_name();
+    let concurrency = i32::from(config.concurrency);
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let in_flight = concurrency - i32::try_from(slots.available_permits()).unwrap_or(concurrency);
+        if let Err(e) = workers::heartbeat(&pool, id, &host, &config.queues, concurrency, in_flight).await {
+            tracing::warn!(worker.id = %id, error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// The machine's (or container's) name, for operators; never used as an identity.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 async fn consume(

@@ -8,12 +8,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use shared::config::Settings;
-use shared::db::jobs::{self, ListFilter};
-use shared::job::{DEFAULT_TENANT, Job, JobStatus, MAX_PRIORITY, NewJob};
-use shared::kinds;
+use shared::db::jobs::{self, Cancel, Enqueued, ListFilter};
+use shared::job::{Job, JobStatus, MAX_PRIORITY, NewJob};
+use shared::{kinds, outbox};
 use uuid::Uuid;
 
 use super::RequestId;
+use crate::auth::{Caller, Scope};
 use crate::body::read_json;
 use crate::error::{ApiError, FieldProblem};
 use crate::startup::AppState;
@@ -39,7 +40,7 @@ const MAX_DELAY_SECONDS: u64 = 366 * 24 * 3600;
 impl SubmitRequest {
     /// Checks every field against the job type and the configuration, reporting
     /// all problems at once.
-    pub fn validate(self, settings: &Settings) -> Result<NewJob, ApiError> {
+    pub fn validate(self, settings: &Settings, tenant: String) -> Result<NewJob, ApiError> {
         let mut problems = Vec::new();
         let kind = kinds::find(&self.kind);
         if kind.is_none() {
@@ -118,7 +119,7 @@ impl SubmitRequest {
         }
         Ok(NewJob {
             id: Uuid::now_v7(),
-            tenant: DEFAULT_TENANT.to_owned(),
+            tenant,
             queue,
             kind: self.kind,
             payload,
@@ -134,42 +135,88 @@ impl SubmitRequest {
 
 /// `POST /v1/jobs`: commits the job, publishes it with a confirm, answers 202.
 pub async fn submit(
+    caller: Caller,
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::JobsWrite)?;
     let request: SubmitRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
-    let mut new_job = request.validate(&state.settings)?;
+    let mut new_job = request.validate(&state.settings, caller.tenant)?;
     new_job.request_id = RequestId::of(&req);
     let job = jobs::insert(&state.pool, &new_job).await?;
     if job.status == JobStatus::Queued {
-        // The row is committed, so the job is accepted whatever happens next: if
-        // this publish fails, the reconciler's outbox sweep publishes it later.
-        match state
-            .publisher
-            .publish_job(&job.queue, job.id, job.priority, job.request_id.as_deref())
-            .await
-        {
-            Ok(()) => {
-                if let Err(e) = jobs::mark_published(&state.pool, job.id).await {
-                    tracing::warn!(job.id = %job.id, error = %e, "published, but could not record it; it may be published twice");
-                }
-            }
-            Err(e) => tracing::warn!(job.id = %job.id, error = %e, "publish failed; the job stays in the outbox"),
-        }
+        publish(&state, vec![Enqueued::from(&job)]).await;
     }
     Ok(HttpResponse::Accepted()
         .insert_header((header::LOCATION, format!("/v1/jobs/{}", job.id)))
         .json(&job))
 }
 
-/// `GET /v1/jobs/{id}`.
-pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&id)?;
-    match jobs::get(&state.pool, DEFAULT_TENANT, id).await? {
-        Some(job) => Ok(HttpResponse::Ok().json(&job)),
-        None => Err(ApiError::NotFound(format!("no job {id}"))),
+/// Publishes committed jobs. The rows are committed, so the jobs are accepted
+/// whatever happens here: one whose publish fails stays in the outbox and the
+/// reconciler publishes it later. So failures are logged, not answered.
+async fn publish(state: &AppState, jobs: Vec<Enqueued>) {
+    if let Err(e) = outbox::publish(&state.publisher, &state.pool, jobs).await {
+        tracing::warn!(error = %e, "published, but could not record it; the job may be published twice");
     }
+}
+
+/// `GET /v1/jobs/{id}`.
+pub async fn get(caller: Caller, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::JobsRead)?;
+    let job = find(&state, &caller, &id).await?;
+    Ok(HttpResponse::Ok().json(&job))
+}
+
+/// One of the caller's jobs. Another tenant's job is "not found", exactly like
+/// a job that does not exist: its existence is not revealed.
+async fn find(state: &AppState, caller: &Caller, raw_id: &str) -> Result<Job, ApiError> {
+    let id = parse_id(raw_id)?;
+    jobs::get(&state.pool, &caller.tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
+/// `POST /v1/jobs/{id}/cancel`: scheduled, queued and retrying jobs are
+/// cancelled at once; a running one is asked to stop (its worker tells the
+/// handler); an ended one is a 409.
+pub async fn cancel(
+    caller: Caller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::JobsWrite)?;
+    let id = parse_id(&id)?;
+    match jobs::cancel(&state.pool, &caller.tenant, id).await? {
+        Cancel::Cancelled(job) | Cancel::Requested(job) => Ok(HttpResponse::Ok().json(&job)),
+        Cancel::Terminal(job) => Err(ApiError::Conflict(format!(
+            "job {id} has already ended: {}",
+            job.status
+        ))),
+        Cancel::NotFound => Err(ApiError::NotFound(format!("no job {id}"))),
+    }
+}
+
+/// `POST /v1/jobs/{id}/requeue` (admin): a failed or cancelled job goes back
+/// to `queued` with its attempts restarted.
+pub async fn requeue(
+    caller: Caller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::Admin)?;
+    let job = find(&state, &caller, &id).await?;
+    let moved = jobs::requeue(&state.pool, Some(&caller.tenant), &[job.id]).await?;
+    if moved.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "job {} is {}; only failed or cancelled jobs can be requeued",
+            job.id, job.status
+        )));
+    }
+    publish(&state, moved).await;
+    let job = find(&state, &caller, &id).await?;
+    Ok(HttpResponse::Ok().json(&job))
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -198,8 +245,9 @@ pub struct JobPage {
     pub next_cursor: Option<String>,
 }
 
-/// `GET /v1/jobs`: newest first, keyset-paginated.
-pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+/// `GET /v1/jobs`: the caller's jobs, newest first, keyset-paginated.
+pub async fn list(caller: Caller, state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::JobsRead)?;
     let query = web::Query::<ListQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?
         .into_inner();
@@ -249,7 +297,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         before,
     };
     // One row more than asked tells whether another page exists.
-    let mut jobs = jobs::list(&state.pool, DEFAULT_TENANT, &filter, limit + 1).await?;
+    let mut jobs = jobs::list(&state.pool, Some(&caller.tenant), &filter, limit + 1).await?;
     let more = jobs.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     jobs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next_cursor = if more {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
+pub mod admin;
 pub mod health;
 pub mod jobs;
 
@@ -26,6 +27,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(jobs::get))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        web::resource("/v1/jobs/{id}/cancel")
+            .route(web::post().to(jobs::cancel))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/jobs/{id}/requeue")
+            .route(web::post().to(jobs::requeue))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(web::resource("/v1/queues").route(web::get().to(admin::queues)))
+    .service(web::resource("/v1/workers").route(web::get().to(admin::workers)))
     .service(web::resource("/healthz").route(web::get().to(health::healthz)))
     .service(web::resource("/readyz").route(web::get().to(health::readyz)))
     .default_service(web::to(not_found));

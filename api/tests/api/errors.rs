@@ -239,7 +239,8 @@ async fn chunked_post(app: &TestApp, body: &[u8]) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
     let head = format!(
         "POST /v1/jobs HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
-         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+         Authorization: Bearer {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        app.token
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     for chunk in body.chunks(64 * 1024) {

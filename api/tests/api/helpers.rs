@@ -5,6 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
+use api::auth::{Scope, Scopes};
 use api::startup::Application;
 use serde_json::Value;
 use shared::config::Settings;
@@ -21,7 +22,10 @@ pub const QUEUES: &[&str] = &["default", "critical"];
 
 pub struct TestApp {
     pub address: String,
+    /// Sends an admin key of tenant `default` with every request.
     pub client: reqwest::Client,
+    /// That key.
+    pub token: String,
     /// The app's own pool (the API and workers share it).
     pub pool: PgPool,
     pub settings: Settings,
@@ -60,15 +64,37 @@ pub async fn spawn_app_with(connect: PgConnectOptions, configure: impl FnOnce(&m
     let address = format!("http://127.0.0.1:{}", app.port());
     let server = app.handle();
     tokio::spawn(app.run_until_stopped());
+    let token = key(&pool, "default", &[Scope::Admin]).await;
+    let client = client_with(&token);
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client,
+        token,
         pool,
         settings,
         amqp,
         server,
         workers: Vec::new(),
     }
+}
+
+/// Creates an API key of `tenant` with `scopes` and returns its token.
+pub async fn key(pool: &PgPool, tenant: &str, scopes: &[Scope]) -> String {
+    let (_, token) = api::auth::keys::create(pool, tenant, Some("test"), Scopes::of(scopes))
+        .await
+        .expect("key created");
+    token
+}
+
+/// An HTTP client that sends `token` as its bearer token.
+pub fn client_with(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("ascii token");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
 }
 
 impl TestApp {

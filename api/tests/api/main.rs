@@ -2,6 +2,8 @@
 //! Postgres (a fresh database per test, by `#[sqlx::test]`) and RabbitMQ (a
 //! fresh namespace per test).
 
+mod auth;
+mod cli;
 mod compose;
 mod errors;
 mod helpers;

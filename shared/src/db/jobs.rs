@@ -15,7 +15,7 @@ macro_rules! job_columns {
     () => {
         "id, tenant, queue, type, payload, status, priority, attempt, max_attempts, \
          timeout_seconds, run_at, progress, result, error, idempotency_key, request_id, \
-         created_at, started_at, finished_at, updated_at"
+         requeue_count, cancel_requested_at, created_at, started_at, finished_at, updated_at"
     };
 }
 
@@ -46,27 +46,245 @@ pub async fn insert(db: impl PgExecutor<'_>, job: &NewJob) -> sqlx::Result<Job> 
     .await
 }
 
-/// Records that RabbitMQ confirmed the job's message, taking it out of the
-/// outbox the reconciler sweeps.
-pub async fn mark_published(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("UPDATE jobs SET published_at = now() WHERE id = $1 AND status = 'queued'")
-        .bind(id)
+/// Records that RabbitMQ confirmed these jobs' messages, taking them out of
+/// the outbox the reconciler sweeps.
+pub async fn mark_published(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query("UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND status = 'queued'")
+        .bind(ids)
         .execute(db)
         .await?;
     Ok(())
 }
 
+/// A queued job whose message must be published.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Enqueued {
+    pub id: Uuid,
+    pub queue: String,
+    pub priority: i16,
+    pub request_id: Option<String>,
+}
+
+impl From<&Job> for Enqueued {
+    fn from(job: &Job) -> Self {
+        Self {
+            id: job.id,
+            queue: job.queue.clone(),
+            priority: job.priority,
+            request_id: job.request_id.clone(),
+        }
+    }
+}
+
+/// What a requeue does to a failed or cancelled job: back to `queued` with the
+/// attempt count restarted and the result cleared. The last error stays, so
+/// an operator can still see why it failed before.
+macro_rules! requeue_set {
+    () => {
+        "SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), \
+             published_at = NULL, started_at = NULL, finished_at = NULL, result = NULL, progress = NULL, \
+             cancel_requested_at = NULL, updated_at = now()"
+    };
+}
+
+/// Requeues these jobs where they are failed or cancelled (and belong to
+/// `tenant`, when given). Returns those it moved.
+pub async fn requeue(db: impl PgExecutor<'_>, tenant: Option<&str>, ids: &[Uuid]) -> sqlx::Result<Vec<Enqueued>> {
+    sqlx::query_as(concat!(
+        "UPDATE jobs ",
+        requeue_set!(),
+        " WHERE id = ANY($1) AND status IN ('failed', 'cancelled') AND ($2::text IS NULL OR tenant = $2) \
+         RETURNING id, queue, priority, request_id"
+    ))
+    .bind(ids)
+    .bind(tenant)
+    .fetch_all(db)
+    .await
+}
+
+/// Which jobs a bulk requeue (or its dry run) takes.
+#[derive(Debug, Clone)]
+pub struct RequeueFilter {
+    /// `failed` or `cancelled`.
+    pub status: JobStatus,
+    pub kind: Option<String>,
+    pub queue: Option<String>,
+    pub tenant: Option<String>,
+    /// Only jobs that finished at or after this time.
+    pub finished_since: Option<DateTime<Utc>>,
+}
+
+fn requeue_candidates(sql: &mut QueryBuilder<Postgres>, filter: &RequeueFilter, after: Option<Uuid>, limit: i64) {
+    sql.push("SELECT id FROM jobs WHERE status = ")
+        .push_bind(filter.status.as_str());
+    if let Some(kind) = &filter.kind {
+        sql.push(" AND type = ").push_bind(kind);
+    }
+    if let Some(queue) = &filter.queue {
+        sql.push(" AND queue = ").push_bind(queue);
+    }
+    if let Some(tenant) = &filter.tenant {
+        sql.push(" AND tenant = ").push_bind(tenant);
+    }
+    if let Some(since) = filter.finished_since {
+        sql.push(" AND finished_at >= ").push_bind(since);
+    }
+    if let Some(after) = after {
+        sql.push(" AND id > ").push_bind(after);
+    }
+    sql.push(" ORDER BY id LIMIT ").push_bind(limit);
+}
+
+/// The ids of up to `limit` jobs matching `filter` after `after`, in id order:
+/// one page of a dry run.
+pub async fn requeue_preview(
+    db: impl PgExecutor<'_>,
+    filter: &RequeueFilter,
+    after: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    let mut sql = QueryBuilder::new("");
+    requeue_candidates(&mut sql, filter, after, limit);
+    sql.build_query_scalar().fetch_all(db).await
+}
+
+/// Requeues up to `limit` jobs matching `filter` after `after`, in one short
+/// statement; callers loop over batches so that no transaction grows with
+/// the number of jobs. Rows another transaction holds are skipped, not waited for.
+pub async fn requeue_batch(
+    db: impl PgExecutor<'_>,
+    filter: &RequeueFilter,
+    after: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Enqueued>> {
+    let mut sql = QueryBuilder::new(concat!("UPDATE jobs ", requeue_set!(), " WHERE id IN ("));
+    requeue_candidates(&mut sql, filter, after, limit);
+    sql.push(
+        " FOR UPDATE SKIP LOCKED) AND status IN ('failed', 'cancelled') RETURNING id, queue, priority, request_id",
+    );
+    sql.build_query_as().fetch_all(db).await
+}
+
+/// The result of asking to cancel a job.
+#[derive(Debug)]
+pub enum Cancel {
+    /// It was scheduled, queued or retrying, and is now cancelled.
+    Cancelled(Job),
+    /// It is running; its worker has been asked to stop it.
+    Requested(Job),
+    /// It had already ended.
+    Terminal(Job),
+    NotFound,
+}
+
+/// Cancels one of `tenant`'s jobs: at once unless it is running, in which case
+/// the request is recorded for its worker.
+pub async fn cancel(db: &sqlx::PgPool, tenant: &str, id: Uuid) -> sqlx::Result<Cancel> {
+    // A job can move between our statements (queued -> running, running ->
+    // retrying); each pass re-reads, and a few passes always settle it.
+    for _ in 0..3 {
+        let cancelled: Option<Job> = sqlx::query_as(concat!(
+            "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(), \
+                             error = jsonb_build_object('message', 'cancelled by request', 'kind', 'cancelled', \
+                                                        'attempt', attempt) \
+             WHERE id = $1 AND tenant = $2 AND status IN ('scheduled', 'queued', 'retrying') RETURNING ",
+            job_columns!()
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(db)
+        .await?;
+        if let Some(job) = cancelled {
+            return Ok(Cancel::Cancelled(job));
+        }
+        let requested: Option<Job> = sqlx::query_as(concat!(
+            "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now() \
+             WHERE id = $1 AND tenant = $2 AND status = 'running' RETURNING ",
+            job_columns!()
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(db)
+        .await?;
+        if let Some(job) = requested {
+            return Ok(Cancel::Requested(job));
+        }
+        match get(db, tenant, id).await? {
+            Some(job) if job.status.is_terminal() => return Ok(Cancel::Terminal(job)),
+            Some(_) => continue,
+            None => return Ok(Cancel::NotFound),
+        }
+    }
+    Err(sqlx::Error::Protocol(
+        "the job kept changing state while being cancelled".into(),
+    ))
+}
+
 /// One of `tenant`'s jobs; another tenant's id is simply not found.
 pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> sqlx::Result<Option<Job>> {
+    get_scoped(db, Some(tenant), id).await
+}
+
+/// A job of `tenant`, or of any tenant when `None` (operators).
+pub async fn get_scoped(db: impl PgExecutor<'_>, tenant: Option<&str>, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(concat!(
         "SELECT ",
         job_columns!(),
-        " FROM jobs WHERE id = $1 AND tenant = $2"
+        " FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
     ))
     .bind(id)
     .bind(tenant)
     .fetch_optional(db)
     .await
+}
+
+/// The statuses of those of `ids` that exist.
+pub async fn statuses(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid, JobStatus)>> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM jobs WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(db)
+        .await?;
+    rows.into_iter()
+        .map(|(id, status)| Ok((id, status.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?)))
+        .collect()
+}
+
+/// Deletes up to `limit` jobs in `statuses` that finished before `before`,
+/// in one statement; callers loop until it returns less than `limit`.
+///
+/// Ids are UUIDv7, so every job finished before `before` was also created
+/// before it: bounding `id` by `before`'s smallest v7 id turns the search into
+/// a range scan of the primary key, with no index on `finished_at` to maintain.
+pub async fn prune_batch(
+    db: impl PgExecutor<'_>,
+    statuses: &[JobStatus],
+    before: DateTime<Utc>,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+    let done = sqlx::query(
+        "DELETE FROM jobs WHERE id IN (\
+            SELECT id FROM jobs WHERE id < $1 AND status = ANY($2) AND finished_at < $3 LIMIT $4 \
+            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(crate::job::first_id_at(before))
+    .bind(&statuses)
+    .bind(before)
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// How many jobs [`prune_batch`] would delete.
+pub async fn prune_count(db: impl PgExecutor<'_>, statuses: &[JobStatus], before: DateTime<Utc>) -> sqlx::Result<i64> {
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id < $1 AND status = ANY($2) AND finished_at < $3")
+        .bind(crate::job::first_id_at(before))
+        .bind(&statuses)
+        .bind(before)
+        .fetch_one(db)
+        .await
 }
 
 /// Filters of [`list`]; `None` matches everything.
@@ -79,14 +297,21 @@ pub struct ListFilter {
     pub before: Option<Uuid>,
 }
 
-/// A page of `tenant`'s jobs, newest first.
+/// A page of jobs, newest first: `tenant`'s, or every tenant's when `None` (operators).
 ///
 /// The SQL is assembled per combination of filters rather than written as
 /// `($2 IS NULL OR status = $2)`, because Postgres plans the latter once for
 /// all values and then cannot use the status index.
-pub async fn list(db: impl PgExecutor<'_>, tenant: &str, filter: &ListFilter, limit: i64) -> sqlx::Result<Vec<Job>> {
-    let mut sql = QueryBuilder::<Postgres>::new(concat!("SELECT ", job_columns!(), " FROM jobs WHERE tenant = "));
-    sql.push_bind(tenant);
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant: Option<&str>,
+    filter: &ListFilter,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    let mut sql = QueryBuilder::<Postgres>::new(concat!("SELECT ", job_columns!(), " FROM jobs WHERE true"));
+    if let Some(tenant) = tenant {
+        sql.push(" AND tenant = ").push_bind(tenant);
+    }
     if let Some(status) = filter.status {
         sql.push(" AND status = ").push_bind(status.as_str());
     }

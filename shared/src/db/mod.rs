@@ -1,5 +1,5 @@
-//! Postgres access: the pool, the migrations, and (in [`jobs`]) every query on
-//! the jobs table.
+//! Postgres access: the pool, the migrations, every query on the jobs table
+//! ([`jobs`]) and on the workers table ([`workers`]).
 
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -8,6 +8,7 @@ use sqlx::{PgPool, Postgres};
 use crate::config::DatabaseSettings;
 
 pub mod jobs;
+pub mod workers;
 
 /// The migrations in `migrations/`, compiled in so a binary can migrate alone.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");

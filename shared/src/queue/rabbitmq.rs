@@ -104,7 +104,7 @@ struct PublisherInner {
     /// Queues declared on (re)connect.
     queues: Vec<String>,
     connection_name: String,
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: Mutex<Option<(Arc<Connection>, Channel)>>,
 }
 
 impl Publisher {
@@ -124,21 +124,26 @@ impl Publisher {
     }
 
     async fn channel(&self) -> lapin::Result<Channel> {
+        Ok(self.link().await?.1)
+    }
+
+    /// The live connection and confirm-mode channel, (re)connecting if needed.
+    async fn link(&self) -> lapin::Result<(Arc<Connection>, Channel)> {
         let inner = &self.inner;
         let mut link = inner.link.lock().await;
         if let Some((connection, channel)) = link.as_ref()
             && connection.status().connected()
             && channel.status().connected()
         {
-            return Ok(channel.clone());
+            return Ok((connection.clone(), channel.clone()));
         }
         *link = None;
-        let connection = connect(&inner.settings, &inner.connection_name).await?;
+        let connection = Arc::new(connect(&inner.settings, &inner.connection_name).await?);
         let channel = connection.create_channel().await?;
         declare(&channel, &inner.names, inner.queues.iter().map(String::as_str)).await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        *link = Some((connection, channel.clone()));
-        Ok(channel)
+        *link = Some((connection.clone(), channel.clone()));
+        Ok((connection, channel))
     }
 
     /// Publishes a run-job message for `job_id` to `queue` and waits for
@@ -190,6 +195,23 @@ impl Publisher {
         tokio::time::timeout(timeout, publish)
             .await
             .map_err(|_| PublishError::Timeout(timeout))?
+    }
+
+    /// Ready messages and consumers of Conveyor queue `queue`, by a passive
+    /// declare on a channel of its own (a failed passive declare closes its channel).
+    pub async fn queue_stats(&self, queue: &str) -> lapin::Result<(u32, u32)> {
+        let (connection, _) = self.link().await?;
+        let channel = connection.create_channel().await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(self.inner.names.queue(queue).into(), options, FieldTable::default())
+            .await;
+        let _ = channel.close(200, "done".into()).await;
+        let declared = declared?;
+        Ok((declared.message_count(), declared.consumer_count()))
     }
 
     /// Whether the broker answers: used by `/readyz`.

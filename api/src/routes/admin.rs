@@ -1,0 +1,64 @@
+//! Operator routes (admin scope): queues and workers across all tenants.
+
+use std::collections::BTreeMap;
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use shared::db::workers;
+
+use crate::auth::{Caller, Scope};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+#[derive(Debug, Serialize)]
+struct QueueView {
+    name: String,
+    /// Messages waiting in RabbitMQ (`null` when RabbitMQ is unreachable).
+    depth: Option<u32>,
+    /// Consumers attached in RabbitMQ (`null` when RabbitMQ is unreachable).
+    consumers: Option<u32>,
+    max_depth: u64,
+    weight: u32,
+    /// Jobs of this queue by status, from Postgres.
+    jobs: BTreeMap<String, i64>,
+}
+
+/// `GET /v1/queues`: per configured queue, its RabbitMQ depth and consumers and its jobs by status.
+pub async fn queues(caller: Caller, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::Admin)?;
+    // One pass over the table for all queues. Fine for an operator's view; a
+    // dashboard polling it on a huge table would want maintained counters.
+    let counts: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT queue, status, count(*) FROM jobs GROUP BY queue, status")
+            .fetch_all(&state.pool)
+            .await?;
+    let mut views = Vec::with_capacity(state.settings.queues.len());
+    for (name, queue) in &state.settings.queues {
+        let stats = state.publisher.queue_stats(name).await;
+        if let Err(e) = &stats {
+            tracing::warn!(queue = %name, error = %e, "could not read queue stats from RabbitMQ");
+        }
+        let jobs = counts
+            .iter()
+            .filter(|(q, _, _)| q == name)
+            .map(|(_, status, n)| (status.clone(), *n))
+            .collect();
+        views.push(QueueView {
+            name: name.clone(),
+            depth: stats.as_ref().ok().map(|s| s.0),
+            consumers: stats.as_ref().ok().map(|s| s.1),
+            max_depth: queue.max_depth,
+            weight: queue.weight,
+            jobs,
+        });
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "queues": views })))
+}
+
+/// `GET /v1/workers`: workers that heartbeat within the last three intervals.
+pub async fn workers(caller: Caller, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::Admin)?;
+    let within = i32::try_from(state.settings.worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX);
+    let live = workers::live(&state.pool, within).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "workers": live })))
+}
