@@ -30,18 +30,44 @@ fn publisher(settings: &Settings) -> Publisher {
     )
 }
 
+/// What a requeue did (or, in a dry run, would do).
+#[derive(Debug, Default)]
+struct Requeued {
+    count: usize,
+    /// Every id, kept only when they are printed (`--json`), so that memory
+    /// stays flat however many jobs a bulk requeue moves.
+    ids: Vec<Uuid>,
+    /// Requeued, but not yet confirmed by RabbitMQ: left to the reconciler.
+    unpublished: Vec<Uuid>,
+}
+
+impl Requeued {
+    fn add(&mut self, ids: Vec<Uuid>, unpublished: Vec<Uuid>, keep_ids: bool) {
+        self.count += ids.len();
+        if keep_ids {
+            self.ids.extend(ids);
+        }
+        self.unpublished.extend(unpublished);
+    }
+}
+
 pub async fn requeue(
     settings: &Settings,
     pool: &PgPool,
     args: RequeueArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let (ids, unpublished) = if args.ids.is_empty() {
-        requeue_matching(settings, pool, &args).await?
+    let publisher = publisher(settings);
+    let done = if args.ids.is_empty() {
+        requeue_matching(&publisher, pool, &args).await?
     } else {
-        requeue_ids(settings, pool, &args.ids, args.dry_run).await?
+        requeue_ids(&publisher, pool, &args.ids, args.dry_run).await?
     };
-    let count = ids.len();
+    let Requeued {
+        count,
+        ids,
+        unpublished,
+    } = done;
     match (args.json, args.dry_run) {
         (true, true) => writeln!(out, "{}", json!({"dry_run": true, "would_requeue": count, "ids": ids}))?,
         (true, false) => writeln!(
@@ -69,12 +95,7 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// By id: all or nothing. Every id must name a failed or cancelled job.
-async fn requeue_ids(
-    settings: &Settings,
-    pool: &PgPool,
-    ids: &[Uuid],
-    dry_run: bool,
-) -> anyhow::Result<(Vec<Uuid>, Vec<Uuid>)> {
+async fn requeue_ids(publisher: &Publisher, pool: &PgPool, ids: &[Uuid], dry_run: bool) -> anyhow::Result<Requeued> {
     let found = jobs::statuses(pool, ids).await.context("Failed to read the jobs")?;
     for id in ids {
         match found.iter().find(|(found, _)| found == id) {
@@ -85,19 +106,19 @@ async fn requeue_ids(
             }
         }
     }
+    let mut done = Requeued::default();
     if dry_run {
-        return Ok((ids.to_vec(), Vec::new()));
+        done.add(ids.to_vec(), Vec::new(), true);
+        return Ok(done);
     }
     let moved = jobs::requeue(pool, None, ids).await.context("Failed to requeue")?;
-    publish(settings, pool, moved).await
+    let (ids, unpublished) = publish(publisher, pool, moved).await?;
+    done.add(ids, unpublished, true);
+    Ok(done)
 }
 
 /// By filter, in batches of [`BATCH`], each its own short statement.
-async fn requeue_matching(
-    settings: &Settings,
-    pool: &PgPool,
-    args: &RequeueArgs,
-) -> anyhow::Result<(Vec<Uuid>, Vec<Uuid>)> {
+async fn requeue_matching(publisher: &Publisher, pool: &PgPool, args: &RequeueArgs) -> anyhow::Result<Requeued> {
     let Some(status) = args.status else {
         bail!("give job ids or --status")
     };
@@ -109,40 +130,39 @@ async fn requeue_matching(
         finished_since: args.since.map(|age| Utc::now() - age),
     };
     let mut remaining = args.limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
-    let (mut all, mut unpublished) = (Vec::new(), Vec::new());
+    let mut done = Requeued::default();
     let mut after = None;
     while remaining > 0 {
         let batch = BATCH.min(remaining);
-        let ids = if args.dry_run {
-            jobs::requeue_preview(pool, &filter, after, batch)
+        let (ids, unpublished) = if args.dry_run {
+            let ids = jobs::requeue_preview(pool, &filter, after, batch)
                 .await
-                .context("Failed to read the jobs")?
+                .context("Failed to read the jobs")?;
+            (ids, Vec::new())
         } else {
             let moved = jobs::requeue_batch(pool, &filter, after, batch)
                 .await
                 .context("Failed to requeue")?;
-            let (ids, failed) = publish(settings, pool, moved).await?;
-            unpublished.extend(failed);
-            ids
+            publish(publisher, pool, moved).await?
         };
         after = ids.iter().max().copied().or(after);
-        remaining -= i64::try_from(ids.len()).unwrap_or(i64::MAX);
-        let done = (ids.len() as i64) < batch;
-        all.extend(ids);
-        if done {
+        let taken = i64::try_from(ids.len()).unwrap_or(i64::MAX);
+        remaining -= taken;
+        done.add(ids, unpublished, args.json);
+        if taken < batch {
             break;
         }
     }
-    Ok((all, unpublished))
+    Ok(done)
 }
 
 /// Publishes requeued jobs; returns (all ids, the ids whose publish failed).
-async fn publish(settings: &Settings, pool: &PgPool, moved: Vec<Enqueued>) -> anyhow::Result<(Vec<Uuid>, Vec<Uuid>)> {
+async fn publish(publisher: &Publisher, pool: &PgPool, moved: Vec<Enqueued>) -> anyhow::Result<(Vec<Uuid>, Vec<Uuid>)> {
     let ids: Vec<Uuid> = moved.iter().map(|job| job.id).collect();
     if moved.is_empty() {
         return Ok((ids, Vec::new()));
     }
-    let report = outbox::publish(&publisher(settings), pool, moved)
+    let report = outbox::publish(publisher, pool, moved)
         .await
         .context("Failed to record publishes")?;
     Ok((ids, report.failed.into_iter().map(|(id, _)| id).collect()))

@@ -110,19 +110,24 @@ impl TestApp {
         self.workers.push((shutdown, handle));
     }
 
-    /// Stops workers, then the server, then closes the pool, so that
-    /// `#[sqlx::test]` can drop the database.
-    pub async fn stop(self) {
+    /// Stops every worker gracefully and waits until each has.
+    pub async fn stop_workers(&mut self) {
         for (shutdown, _) in &self.workers {
             shutdown.cancel();
         }
-        for (_, handle) in self.workers {
+        for (_, handle) in self.workers.drain(..) {
             match handle.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => panic!("worker failed: {e:#}"),
                 Err(e) => panic!("worker panicked: {e}"),
             }
         }
+    }
+
+    /// Stops workers, then the server, then closes the pool, so that
+    /// `#[sqlx::test]` can drop the database.
+    pub async fn stop(mut self) {
+        self.stop_workers().await;
         self.server.stop(true).await;
         self.pool.close().await;
     }

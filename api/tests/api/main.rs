@@ -2,6 +2,7 @@
 //! Postgres (a fresh database per test, by `#[sqlx::test]`) and RabbitMQ (a
 //! fresh namespace per test).
 
+mod admin;
 mod auth;
 mod cli;
 mod compose;
