@@ -87,12 +87,14 @@ impl Worker {
 
         let executor = Arc::new(Executor::new(self.id, self.pool.clone(), self.settings.jobs.clone()));
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));
+        let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(
             self.id,
             self.pool.clone(),
             self.config.clone(),
             Duration::from_secs(u64::from(self.settings.worker.heartbeat_seconds)),
             slots.clone(),
+            heartbeat_stop.clone(),
         ));
         let jobs = TaskTracker::new();
         // Stops the consume loops, on shutdown or when one of them fails.
@@ -123,7 +125,10 @@ impl Worker {
             executor.stop_all();
             jobs.wait().await;
         }
-        heartbeat.abort();
+        // Stopped, not aborted: a heartbeat cut off mid-statement could still
+        // land after the deregistration and list a stopped worker as live.
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
         if let Err(e) = workers::deregister(&self.pool, self.id).await {
             tracing::warn!(worker.id = %self.id, error = %e, "could not deregister");
         }
@@ -141,14 +146,24 @@ impl Worker {
 }
 
 /// Registers the worker, then records every `interval` that it is alive and
-/// how many jobs it runs, until aborted.
-async fn heartbeat(id: Uuid, pool: PgPool, config: WorkerConfig, interval: Duration, slots: Arc<Semaphore>) {
+/// how many jobs it runs, until `stop`.
+async fn heartbeat(
+    id: Uuid,
+    pool: PgPool,
+    config: WorkerConfig,
+    interval: Duration,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let host = host_name();
     let concurrency = i32::from(config.concurrency);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
         let in_flight = concurrency - i32::try_from(slots.available_permits()).unwrap_or(concurrency);
         if let Err(e) = workers::heartbeat(&pool, id, &host, &config.queues, concurrency, in_flight).await {
             tracing::warn!(worker.id = %id, error = %e, "heartbeat failed");
