@@ -161,12 +161,20 @@ async fn a_read_only_key_reads_but_cannot_submit(_: PgPoolOptionsUnused, connect
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_revoked_key_is_refused_within_the_cache_ttl(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
+    // A second API replica on the same database, with its own key cache.
+    let replica = api::startup::Application::build_with_pool(app.settings.clone(), app.pool.clone())
+        .await
+        .expect("replica starts");
+    let replica_url = format!("http://127.0.0.1:{}/v1/jobs", replica.port());
+    let replica_handle = replica.handle();
+    tokio::spawn(replica.run_until_stopped());
     let token = key(&app.pool, "default", &[Scope::JobsRead]).await;
     let client = client_with(&token);
-    assert_eq!(
-        client.get(app.url("/v1/jobs")).send().await.expect("sent").status(),
-        200
-    );
+    let urls = [app.url("/v1/jobs"), replica_url];
+    for url in &urls {
+        // Both replicas have now verified, and cached, the key.
+        assert_eq!(client.get(url).send().await.expect("sent").status(), 200);
+    }
 
     let prefix = api::auth::keys::prefix_of(&token).expect("prefix");
     let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE prefix = $1")
@@ -178,15 +186,18 @@ async fn a_revoked_key_is_refused_within_the_cache_ttl(_: PgPoolOptionsUnused, c
     let revoked_at = std::time::Instant::now();
 
     let ttl = Duration::from_millis(app.settings.auth.key_cache_ttl_ms);
-    let refused_now = wait_until(ttl + Duration::from_secs(2), || async {
-        client.get(app.url("/v1/jobs")).send().await.expect("sent").status() == 401
-    })
-    .await;
-    assert!(
-        refused_now,
-        "still accepted {:?} after revocation",
-        revoked_at.elapsed()
-    );
+    for url in &urls {
+        let refused_now = wait_until(ttl + Duration::from_secs(2), || async {
+            client.get(url).send().await.expect("sent").status() == 401
+        })
+        .await;
+        assert!(
+            refused_now,
+            "{url} still accepted the key {:?} after revocation",
+            revoked_at.elapsed()
+        );
+    }
+    replica_handle.stop(true).await;
     app.stop().await;
 }
 
