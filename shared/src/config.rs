@@ -126,6 +126,9 @@ pub struct WorkerSettings {
     pub concurrency: u16,
     pub shutdown_grace_seconds: u64,
     pub heartbeat_seconds: u32,
+    pub lease_seconds: u32,
+    pub reconcile_interval_ms: u64,
+    pub outbox_grace_seconds: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -115,11 +115,13 @@ pub enum FailureKind {
     UnknownType,
     /// The handler stopped because the job was cancelled.
     Cancelled,
+    /// The worker running the attempt was lost (its lease expired); retried.
+    LeaseExpired,
 }
 
 impl FailureKind {
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::Retryable | Self::Panic | Self::Timeout)
+        matches!(self, Self::Retryable | Self::Panic | Self::Timeout | Self::LeaseExpired)
     }
 }
 

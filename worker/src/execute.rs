@@ -1,7 +1,14 @@
 //! One job, from message to recorded outcome: parse the message, claim the job
-//! (queued → running), acknowledge the message, run the handler under its
-//! timeout, and write the outcome fenced by the attempt number.
+//! (queued → running, with a fresh lease token), acknowledge the message, run
+//! the handler under its timeout, and write the outcome fenced by the lease.
+//!
+//! The [`Executor`] also knows every job it runs, so that its heartbeat can
+//! renew their leases and stop a handler whose job was cancelled by a client,
+//! whose lease was lost, or that the worker must hand back at shutdown.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -9,19 +16,16 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
 use shared::config::JobSettings;
-use shared::db::jobs::{self, Claimed, Outcome};
+use shared::db::jobs::{self, Claimed, Lease, Outcome};
 use shared::job::{FailureKind, JobFailure};
 use shared::kinds::{self, JobContext, JobError};
-use shared::queue::Message;
+use shared::outbox;
+use shared::queue::{Message, Publisher};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
-
-/// Seconds a lease outlives the job's own timeout: room for the worker to
-/// notice the timeout and record it before anyone may rescue the job.
-const LEASE_MARGIN_SECONDS: i32 = 30;
 
 /// How long to wait before handing a message back when Postgres is unreachable,
 /// so a database outage does not turn into a hot redelivery loop.
@@ -30,14 +34,44 @@ const DB_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Outcome writes are retried this many times before the lease is left to expire.
 const FINISH_ATTEMPTS: u32 = 5;
 
+/// Why a running handler was told to stop. The first reason given wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stop {
+    /// A client cancelled the job: it ends `cancelled`.
+    Cancelled = 1,
+    /// The worker is shutting down: the job is handed back, unfinished.
+    Shutdown = 2,
+    /// The lease is no longer ours (expired and rescued): write nothing.
+    LeaseLost = 3,
+}
+
+impl Stop {
+    fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::Cancelled),
+            2 => Some(Self::Shutdown),
+            3 => Some(Self::LeaseLost),
+            _ => None,
+        }
+    }
+}
+
+/// A job this worker is running.
+struct Running {
+    token: Uuid,
+    cancel: CancellationToken,
+    stop: Arc<AtomicU8>,
+}
+
 /// Runs jobs for one worker process.
 pub struct Executor {
     worker_id: Uuid,
     pool: PgPool,
+    publisher: Publisher,
     settings: JobSettings,
-    /// Parent of every running job's token: cancelled when the worker must stop
-    /// jobs it could not finish within its grace period.
-    stopping: CancellationToken,
+    lease_seconds: i32,
+    running: Mutex<HashMap<Uuid, Running>>,
 }
 
 /// How a handler run ended, before it is turned into an [`Outcome`].
@@ -48,19 +82,87 @@ enum Ran {
     TimedOut,
 }
 
+/// What to write after a run.
+#[derive(Debug)]
+enum After {
+    Finish(Outcome),
+    /// Hand the job back to the queue (shutdown).
+    Release,
+    /// Nothing: the lease is gone.
+    Abandon,
+}
+
 impl Executor {
-    pub fn new(worker_id: Uuid, pool: PgPool, settings: JobSettings) -> Self {
+    pub fn new(worker_id: Uuid, pool: PgPool, publisher: Publisher, settings: JobSettings, lease_seconds: u32) -> Self {
         Self {
             worker_id,
             pool,
+            publisher,
             settings,
-            stopping: CancellationToken::new(),
+            lease_seconds: i32::try_from(lease_seconds).unwrap_or(i32::MAX),
+            running: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Tells every running handler to stop (cooperatively).
+    /// Jobs running now.
+    pub fn in_flight(&self) -> usize {
+        self.running.lock().map_or(0, |running| running.len())
+    }
+
+    /// Tells the handler of job `id`, if it runs here, to stop for `why`.
+    fn stop(&self, id: Uuid, why: Stop) {
+        if let Ok(running) = self.running.lock()
+            && let Some(job) = running.get(&id)
+        {
+            let _ = job
+                .stop
+                .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
+            job.cancel.cancel();
+        }
+    }
+
+    /// A client asked to cancel job `id`.
+    pub fn cancel(&self, id: Uuid) {
+        self.stop(id, Stop::Cancelled);
+    }
+
+    /// Tells every running handler to stop so that its job can be handed back.
     pub fn stop_all(&self) {
-        self.stopping.cancel();
+        let ids: Vec<Uuid> = self
+            .running
+            .lock()
+            .map(|r| r.keys().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.stop(id, Stop::Shutdown);
+        }
+    }
+
+    /// Renews the leases of every running job, and stops the handlers of jobs
+    /// that were cancelled meanwhile or whose lease is gone.
+    pub async fn renew_leases(&self) -> sqlx::Result<()> {
+        let leases: Vec<Lease> = match self.running.lock() {
+            Ok(running) => running
+                .iter()
+                .map(|(id, job)| Lease {
+                    id: *id,
+                    token: job.token,
+                })
+                .collect(),
+            Err(_) => return Ok(()),
+        };
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let held = jobs::renew(&self.pool, &leases, self.lease_seconds).await?;
+        for lease in &leases {
+            match held.iter().find(|(id, _)| *id == lease.id) {
+                Some((id, true)) => self.stop(*id, Stop::Cancelled),
+                Some((_, false)) => {}
+                None => self.stop(lease.id, Stop::LeaseLost),
+            }
+        }
+        Ok(())
     }
 
     /// Handles one delivery to the end. Never panics and never returns an error:
@@ -80,7 +182,7 @@ impl Executor {
     }
 
     async fn run_job(&self, job_id: Uuid, delivery: Delivery) {
-        let claimed = match jobs::claim(&self.pool, job_id, self.worker_id, LEASE_MARGIN_SECONDS).await {
+        let claimed = match jobs::claim(&self.pool, job_id, self.worker_id, self.lease_seconds).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "could not claim job; handing the message back");
@@ -129,22 +231,49 @@ impl Executor {
 
     async fn execute(&self, job: Claimed) {
         let started = std::time::Instant::now();
+        let lease = Lease {
+            id: job.id,
+            token: job.lease_token,
+        };
+        let cancel = CancellationToken::new();
+        let stop = Arc::new(AtomicU8::new(0));
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(
+                job.id,
+                Running {
+                    token: job.lease_token,
+                    cancel: cancel.clone(),
+                    stop: stop.clone(),
+                },
+            );
+        }
         let ran = match kinds::find(&job.kind) {
-            Some(kind) => self.run_handler(kind, &job).await,
+            Some(kind) => self.run_handler(kind, &job, lease, cancel).await,
             None => Ran::Returned(Err(JobError::Permanent(format!("unknown job type {:?}", job.kind)))),
         };
-        let outcome = self.outcome(&job, ran);
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&job.id);
+        }
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match self.after(&job, ran, Stop::from_u8(stop.load(Ordering::SeqCst))) {
+            After::Finish(outcome) => self.finish(lease, &outcome, elapsed_ms).await,
+            After::Release => self.release(lease).await,
+            After::Abandon => tracing::warn!(elapsed_ms, "lease lost while running; the outcome is discarded"),
+        }
+    }
+
+    async fn finish(&self, lease: Lease, outcome: &Outcome, elapsed_ms: u64) {
         let status = outcome.status();
         for attempt in 1..=FINISH_ATTEMPTS {
-            match jobs::finish(&self.pool, job.id, job.attempt, &outcome).await {
+            match jobs::finish(&self.pool, lease, outcome).await {
                 Ok(true) => {
-                    tracing::info!(%status, elapsed_ms = started.elapsed().as_millis() as u64, "job finished");
+                    tracing::info!(%status, elapsed_ms, "job finished");
                     return;
                 }
                 Ok(false) => {
-                    // Our attempt is no longer the running one (the lease expired and
-                    // the job was rescued, or it was cancelled): our outcome is void.
-                    tracing::warn!(%status, "outcome discarded: this attempt no longer owns the job");
+                    // The lease is no longer ours (it expired and the job was
+                    // rescued, possibly claimed again): our outcome is void.
+                    tracing::warn!(%status, "outcome discarded: this run no longer holds the job's lease");
                     return;
                 }
                 Err(e) => {
@@ -153,25 +282,44 @@ impl Executor {
                 }
             }
         }
-        tracing::error!(%status, "could not record outcome; the lease will expire and the job be rescued");
+        tracing::error!(%status, "could not record outcome; the lease will expire and the job be retried");
     }
 
-    async fn run_handler(&self, kind: &'static kinds::Kind, job: &Claimed) -> Ran {
-        let cancel = self.stopping.child_token();
+    /// Hands an interrupted job back: queued again and published at once.
+    async fn release(&self, lease: Lease) {
+        match jobs::release(&self.pool, lease).await {
+            Ok(Some(job)) => {
+                tracing::info!("handed back unfinished at shutdown");
+                if let Err(e) = outbox::publish(&self.publisher, &self.pool, vec![job]).await {
+                    tracing::warn!(error = %e, "could not record the publish of a handed-back job");
+                }
+            }
+            Ok(None) => tracing::warn!("could not hand back: this run no longer holds the job's lease"),
+            Err(e) => tracing::warn!(error = %e, "could not hand back; the lease will expire and the job be retried"),
+        }
+    }
+
+    async fn run_handler(
+        &self,
+        kind: &'static kinds::Kind,
+        job: &Claimed,
+        lease: Lease,
+        cancel: CancellationToken,
+    ) -> Ran {
         let (progress_tx, mut progress_rx) = watch::channel(None);
         let ctx = JobContext::new(job.id, job.attempt, cancel.clone(), progress_tx);
         // A task of its own: a panic in the handler ends that task, not the worker,
         // and a timed-out handler can be aborted.
         let mut handler = tokio::spawn(kind.run(job.payload.clone(), ctx));
 
-        let (pool, id, attempt) = (self.pool.clone(), job.id, job.attempt);
+        let pool = self.pool.clone();
         let progress = tokio::spawn(async move {
             // Ends when the handler drops its context (the sender).
             while progress_rx.changed().await.is_ok() {
                 let Some(percent) = *progress_rx.borrow_and_update() else {
                     continue;
                 };
-                if let Err(e) = jobs::set_progress(&pool, id, attempt, i16::from(percent)).await {
+                if let Err(e) = jobs::set_progress(&pool, lease, i16::from(percent)).await {
                     tracing::debug!(error = %e, "could not record progress");
                 }
             }
@@ -194,21 +342,31 @@ impl Executor {
         ran
     }
 
-    fn outcome(&self, job: &Claimed, ran: Ran) -> Outcome {
+    fn after(&self, job: &Claimed, ran: Ran, stop: Option<Stop>) -> After {
         let failure = |kind: FailureKind, message: String| JobFailure {
             message,
             kind,
             attempt: job.attempt,
         };
+        // A handler that finished its work before it noticed a stop keeps its result.
+        let ran = match (ran, stop) {
+            (Ran::Returned(Ok(result)), _) => return After::Finish(Outcome::Succeeded(result)),
+            (_, Some(Stop::LeaseLost)) => return After::Abandon,
+            (_, Some(Stop::Shutdown)) => return After::Release,
+            (_, Some(Stop::Cancelled)) => {
+                let cancelled = failure(FailureKind::Cancelled, "cancelled by request while running".to_owned());
+                return After::Finish(Outcome::Cancelled(cancelled));
+            }
+            (ran, None) => ran,
+        };
         let (kind, message) = match ran {
-            Ran::Returned(Ok(result)) => return Outcome::Succeeded(result),
-            Ran::Returned(Err(JobError::Cancelled)) if self.stopping.is_cancelled() => {
-                // Stopped by our own shutdown, not by a client: run it again elsewhere.
-                (FailureKind::Retryable, "interrupted by worker shutdown".to_owned())
-            }
-            Ran::Returned(Err(JobError::Cancelled)) => {
-                return Outcome::Cancelled(failure(FailureKind::Cancelled, "cancelled".to_owned()));
-            }
+            Ran::Returned(Ok(result)) => return After::Finish(Outcome::Succeeded(result)),
+            // Only a stop makes a handler return Cancelled; without one, it is a bug
+            // in the handler, and retrying is the safe reading.
+            Ran::Returned(Err(JobError::Cancelled)) => (
+                FailureKind::Retryable,
+                "the handler stopped without being asked to".to_owned(),
+            ),
             Ran::Returned(Err(JobError::Retryable(message))) => (FailureKind::Retryable, message),
             Ran::Returned(Err(JobError::Permanent(message))) => (FailureKind::Permanent, message),
             Ran::Panicked(message) => (FailureKind::Panic, format!("handler panicked: {message}")),
@@ -221,9 +379,9 @@ impl Executor {
         if kind.is_retryable() && job.attempt < job.max_attempts {
             let delay = self.settings.retry_delay(job.attempt);
             let retry_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-            Outcome::Retrying { error, retry_at }
+            After::Finish(Outcome::Retrying { error, retry_at })
         } else {
-            Outcome::Failed(error)
+            After::Finish(Outcome::Failed(error))
         }
     }
 }

@@ -5,10 +5,12 @@
 //!
 //! - [`cli`]: the command line.
 //! - [`runner`]: the consume loop, concurrency limit and shutdown.
-//! - [`execute`]: one job from claim to recorded outcome.
+//! - [`execute`]: one job from claim to recorded outcome; lease bookkeeping.
+//! - [`reconciler`]: due jobs, expired leases, the outbox (one active at a time).
 
 pub mod cli;
 pub mod execute;
+pub mod reconciler;
 pub mod runner;
 
 pub use runner::{Worker, WorkerConfig};

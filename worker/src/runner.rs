@@ -1,11 +1,16 @@
-//! The consume loop. One AMQP channel per worker process carries one consumer
-//! per queue; a semaphore caps the jobs that run at once at `concurrency`, and
-//! the channel's prefetch is the same number, so the broker never hands this
-//! process more than it can start soon.
+//! The worker's main loop. One AMQP channel per worker process carries one
+//! consumer per queue; a semaphore caps the jobs that run at once at
+//! `concurrency`, and the channel's prefetch is the same number, so the broker
+//! never hands this process more than it can start soon.
 //!
 //! A message is acknowledged as soon as its claim is committed in Postgres
 //! (SPEC §3), not when the job ends: from then on the job's lease keeps it, so
-//! a job may run longer than RabbitMQ's consumer timeout.
+//! a job may run longer than RabbitMQ's consumer timeout. Running jobs need
+//! only Postgres, so they carry on while the worker reconnects to RabbitMQ.
+//!
+//! Beside the consumers run the heartbeat (registration, lease renewal,
+//! cancel requests), a `LISTEN` for immediate cancel requests, and the
+//! reconciler.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,15 +19,17 @@ use anyhow::Context as _;
 use futures_lite::StreamExt as _;
 use lapin::Consumer;
 use shared::config::Settings;
-use shared::db::workers;
-use shared::queue::{Names, rabbitmq};
+use shared::db::{CANCEL_CHANNEL, workers};
+use shared::queue::{Names, Publisher, rabbitmq};
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::execute::Executor;
+use crate::reconciler::Reconciler;
 
 /// What a worker consumes and how much it runs at once.
 #[derive(Debug, Clone)]
@@ -40,10 +47,14 @@ impl WorkerConfig {
     }
 }
 
+/// Waits between reconnection attempts to RabbitMQ: doubling from the first
+/// to the last, so an outage costs the broker little when it comes back.
+const RECONNECT_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
+
 /// A worker process's engine, usable in-process by tests.
 pub struct Worker {
     /// Fresh at every start, never derived from the host name: a restarted
-    /// worker must not be mistaken for its predecessor, whose leases it does not hold.
+    /// worker must not be mistaken for its predecessor.
     id: Uuid,
     settings: Settings,
     pool: PgPool,
@@ -66,93 +77,184 @@ impl Worker {
         self.id
     }
 
-    /// Consumes until `shutdown` fires, then stops taking messages, waits up to
-    /// the grace period for running jobs, and closes the channel so that
-    /// prefetched messages go back to their queues.
+    /// Runs until `shutdown` fires, then stops taking messages, waits up to the
+    /// grace period for running jobs, hands back those still running, and
+    /// closes its channel so that prefetched messages go back to their queues.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let names = Names::new(&self.settings.amqp.namespace);
-        let connection = rabbitmq::connect(&self.settings.amqp, &format!("conveyor-worker-{}", self.id))
-            .await
-            .context("Failed to connect to RabbitMQ")?;
-        let (channel, consumers) = rabbitmq::consume(
-            &connection,
-            &names,
-            &self.config.queues,
-            self.config.concurrency,
-            &format!("conveyor-worker-{}", self.id),
-        )
-        .await
-        .context("Failed to start consuming")?;
-        tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
-
-        let executor = Arc::new(Executor::new(self.id, self.pool.clone(), self.settings.jobs.clone()));
+        let name = format!("conveyor-worker-{}", self.id);
+        let publisher = Publisher::new(
+            &self.settings.amqp,
+            self.settings.queues.keys().cloned().collect(),
+            &name,
+        );
+        let executor = Arc::new(Executor::new(
+            self.id,
+            self.pool.clone(),
+            publisher.clone(),
+            self.settings.jobs.clone(),
+            self.settings.worker.lease_seconds,
+        ));
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));
-        let heartbeat_stop = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(
+        let jobs = TaskTracker::new();
+        // Background loops stop after the jobs are drained: running jobs need
+        // their leases renewed until the very end.
+        let background_stop = CancellationToken::new();
+        let background = TaskTracker::new();
+        background.spawn(heartbeat(
             self.id,
             self.pool.clone(),
             self.config.clone(),
             Duration::from_secs(u64::from(self.settings.worker.heartbeat_seconds)),
-            slots.clone(),
-            heartbeat_stop.clone(),
+            executor.clone(),
+            background_stop.clone(),
         ));
-        let jobs = TaskTracker::new();
-        // Stops the consume loops, on shutdown or when one of them fails.
-        let stop = shutdown.child_token();
-        let loops = TaskTracker::new();
-        for consumer in consumers {
-            loops.spawn(consume(
-                consumer,
-                executor.clone(),
-                slots.clone(),
-                jobs.clone(),
-                stop.clone(),
-            ));
-        }
-        loops.close();
-        loops.wait().await;
-        let reason = if shutdown.is_cancelled() {
-            "shutdown"
-        } else {
-            "consumer stopped"
-        };
-        tracing::info!(worker.id = %self.id, reason, in_flight = jobs.len(), "worker stopping; waiting for running jobs");
+        background.spawn(listen_for_cancels(
+            self.pool.clone(),
+            executor.clone(),
+            background_stop.clone(),
+        ));
+        let reconciler = Reconciler::new(self.pool.clone(), publisher, &self.settings.worker);
+        background.spawn(reconciler.run(shutdown.child_token()));
+        tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
 
+        let mut backoff = RECONNECT_BACKOFF.0;
+        while !shutdown.is_cancelled() {
+            match self.consume(&name, &executor, &slots, &jobs, &shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(worker.id = %self.id, error = %format!("{e:#}"), retry_in = ?backoff, "lost RabbitMQ; reconnecting");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF.1);
+                }
+            }
+        }
+
+        tracing::info!(worker.id = %self.id, in_flight = executor.in_flight(), "worker stopping; waiting for running jobs");
         jobs.close();
         let grace = Duration::from_secs(self.settings.worker.shutdown_grace_seconds);
         if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
-            tracing::warn!(worker.id = %self.id, unfinished = jobs.len(), "grace period over; stopping running jobs");
+            tracing::warn!(worker.id = %self.id, unfinished = executor.in_flight(), "grace period over; handing back running jobs");
             executor.stop_all();
             jobs.wait().await;
         }
-        // Stopped, not aborted: a heartbeat cut off mid-statement could still
-        // land after the deregistration and list a stopped worker as live.
-        heartbeat_stop.cancel();
-        let _ = heartbeat.await;
+        background_stop.cancel();
+        background.close();
+        background.wait().await;
         if let Err(e) = workers::deregister(&self.pool, self.id).await {
             tracing::warn!(worker.id = %self.id, error = %e, "could not deregister");
         }
-        // Closing the channel returns unacknowledged (prefetched, unclaimed)
-        // messages to their queues at once.
+        tracing::info!(worker.id = %self.id, "worker stopped");
+        Ok(())
+    }
+
+    /// Connects and consumes until `shutdown` (Ok) or until the connection or
+    /// a consumer fails (Err). Deliveries are handed to `jobs`, which outlive
+    /// this connection.
+    async fn consume(
+        &self,
+        name: &str,
+        executor: &Arc<Executor>,
+        slots: &Arc<Semaphore>,
+        jobs: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let names = Names::new(&self.settings.amqp.namespace);
+        let connect = rabbitmq::connect(&self.settings.amqp, name);
+        let connection = tokio::time::timeout(self.settings.amqp.confirm_timeout(), connect)
+            .await
+            .context("Timed out connecting to RabbitMQ")?
+            .context("Failed to connect to RabbitMQ")?;
+        let (channel, consumers) =
+            rabbitmq::consume(&connection, &names, &self.config.queues, self.config.concurrency, name)
+                .await
+                .context("Failed to start consuming")?;
+        tracing::info!(worker.id = %self.id, "consuming");
+        let broken = CancellationToken::new();
+        let loops = TaskTracker::new();
+        for consumer in consumers {
+            let stop = shutdown.child_token();
+            let broken = broken.clone();
+            let (executor, slots, jobs) = (executor.clone(), slots.clone(), jobs.clone());
+            loops.spawn(async move {
+                let failed = consume_queue(consumer, executor, slots, jobs, stop.clone()).await;
+                if failed {
+                    broken.cancel();
+                }
+            });
+        }
+        loops.close();
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = broken.cancelled() => {}
+        }
+        let failed = broken.is_cancelled() && !shutdown.is_cancelled();
+        // On shutdown: stop the other loops and close the channel, which returns
+        // unacknowledged (prefetched, unclaimed) messages to their queues at once.
         let _ = channel.close(200, "worker stopping".into()).await;
         let _ = connection.close(200, "worker stopping".into()).await;
-        tracing::info!(worker.id = %self.id, "worker stopped");
-        if shutdown.is_cancelled() {
-            Ok(())
+        loops.wait().await;
+        if failed {
+            anyhow::bail!("a consumer stopped")
         } else {
-            anyhow::bail!("a consumer stopped unexpectedly")
+            Ok(())
         }
     }
 }
 
-/// Registers the worker, then records every `interval` that it is alive and
-/// how many jobs it runs, until `stop`.
+/// Takes deliveries from one queue until `stop` (returns false) or until the
+/// consumer fails or is cancelled by the broker (returns true).
+async fn consume_queue(
+    mut consumer: Consumer,
+    executor: Arc<Executor>,
+    slots: Arc<Semaphore>,
+    jobs: TaskTracker,
+    stop: CancellationToken,
+) -> bool {
+    loop {
+        let delivery = tokio::select! {
+            () = stop.cancelled() => return false,
+            delivery = consumer.next() => delivery,
+        };
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => {
+                tracing::warn!(queue = %consumer.queue(), error = %e, "consumer failed");
+                return true;
+            }
+            None => {
+                tracing::warn!(queue = %consumer.queue(), "consumer cancelled by the broker");
+                return !stop.is_cancelled();
+            }
+        };
+        // Wait for a free slot while holding the delivery: it stays unacknowledged,
+        // so prefetch keeps the broker from sending more than we can start.
+        let permit = tokio::select! {
+            () = stop.cancelled() => return false,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return false,
+            },
+        };
+        let executor = executor.clone();
+        jobs.spawn(async move {
+            executor.handle(delivery).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Registers the worker, then every `interval` records that it is alive and
+/// renews the leases of its running jobs (stopping those cancelled or lost
+/// meanwhile), until `stop`.
 async fn heartbeat(
     id: Uuid,
     pool: PgPool,
     config: WorkerConfig,
     interval: Duration,
-    slots: Arc<Semaphore>,
+    executor: Arc<Executor>,
     stop: CancellationToken,
 ) {
     let host = host_name();
@@ -164,9 +266,48 @@ async fn heartbeat(
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let in_flight = concurrency - i32::try_from(slots.available_permits()).unwrap_or(concurrency);
+        if let Err(e) = executor.renew_leases().await {
+            tracing::warn!(worker.id = %id, error = %e, "could not renew leases");
+        }
+        let in_flight = i32::try_from(executor.in_flight()).unwrap_or(i32::MAX);
         if let Err(e) = workers::heartbeat(&pool, id, &host, &config.queues, concurrency, in_flight).await {
             tracing::warn!(worker.id = %id, error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// Stops a running job as soon as a client cancels it: the API notifies
+/// `conveyor_cancel` with the job id. Notifications missed while the listener
+/// reconnects are caught by the next heartbeat.
+async fn listen_for_cancels(pool: PgPool, executor: Arc<Executor>, stop: CancellationToken) {
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(CANCEL_CHANNEL).await?;
+            loop {
+                let notification = listener.recv().await?;
+                match notification.payload().parse::<Uuid>() {
+                    Ok(id) => executor.cancel(id),
+                    Err(_) => tracing::debug!(
+                        payload = notification.payload(),
+                        "ignoring a malformed cancel notification"
+                    ),
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            result = listening => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "cancel listener failed; restarting");
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RECONNECT_BACKOFF.1 / 10) => {}
         }
     }
 }
@@ -179,46 +320,4 @@ fn host_name() -> String {
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-async fn consume(
-    mut consumer: Consumer,
-    executor: Arc<Executor>,
-    slots: Arc<Semaphore>,
-    jobs: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let delivery = tokio::select! {
-            () = stop.cancelled() => return,
-            delivery = consumer.next() => delivery,
-        };
-        let delivery = match delivery {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(e)) => {
-                tracing::error!(queue = %consumer.queue(), error = %e, "consumer failed");
-                stop.cancel();
-                return;
-            }
-            None => {
-                tracing::warn!(queue = %consumer.queue(), "consumer cancelled by the broker");
-                stop.cancel();
-                return;
-            }
-        };
-        // Wait for a free slot while holding the delivery: it stays unacknowledged,
-        // so prefetch keeps the broker from sending more than we can start.
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
-        let executor = executor.clone();
-        jobs.spawn(async move {
-            executor.handle(delivery).await;
-            drop(permit);
-        });
-    }
 }

@@ -100,11 +100,25 @@ pub fn client_with(token: &str) -> reqwest::Client {
 impl TestApp {
     /// Starts an in-process worker on `queues` with `concurrency` slots.
     pub fn spawn_worker(&mut self, queues: &[&str], concurrency: u16) {
+        self.spawn_worker_with(self.settings.clone(), queues, concurrency);
+    }
+
+    /// Like [`spawn_worker`](Self::spawn_worker), with settings of its own.
+    pub fn spawn_worker_with(&mut self, settings: Settings, queues: &[&str], concurrency: u16) {
+        self.spawn(settings, self.pool.clone(), queues, concurrency);
+    }
+
+    /// Like [`spawn_worker`](Self::spawn_worker), on a pool of its own.
+    pub fn spawn_worker_on(&mut self, pool: PgPool, queues: &[&str], concurrency: u16) {
+        self.spawn(self.settings.clone(), pool, queues, concurrency);
+    }
+
+    fn spawn(&mut self, settings: Settings, pool: PgPool, queues: &[&str], concurrency: u16) {
         let config = WorkerConfig {
             queues: queues.iter().map(|q| (*q).to_owned()).collect(),
             concurrency,
         };
-        let worker = Worker::new(self.settings.clone(), self.pool.clone(), config).expect("valid worker config");
+        let worker = Worker::new(settings, pool, config).expect("valid worker config");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
         self.workers.push((shutdown, handle));

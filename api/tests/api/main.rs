@@ -12,4 +12,5 @@ mod kinds;
 mod list;
 mod migrate;
 mod pipeline;
+mod reliability;
 mod submit;

@@ -62,6 +62,15 @@ async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOpt
     assert_eq!(attempts, [1]);
     assert_eq!(workers, 0, "finished jobs hold no lease");
     assert_eq!(app.amqp.depth("default").await, 0, "every message consumed");
+    // Four workers, four reconcilers, one active: one holder of the advisory lock.
+    let holders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = \
+         (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("query");
+    assert_eq!(holders, 1, "exactly one reconciler is active");
     let app = Arc::into_inner(app).expect("submitters are done");
     app.stop().await;
 }

@@ -207,6 +207,12 @@ pub async fn cancel(db: &sqlx::PgPool, tenant: &str, id: Uuid) -> sqlx::Result<C
         .fetch_optional(db)
         .await?;
         if let Some(job) = requested {
+            // Wake the worker running it now rather than at its next heartbeat.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::CANCEL_CHANNEL)
+                .bind(id.to_string())
+                .execute(db)
+                .await?;
             return Ok(Cancel::Requested(job));
         }
         match get(db, tenant, id).await? {
@@ -341,11 +347,14 @@ pub struct Claimed {
     pub max_attempts: i32,
     pub timeout_seconds: i32,
     pub request_id: Option<String>,
+    /// Fresh at every claim; every later write about this run must present it.
+    pub lease_token: Uuid,
 }
 
-/// Claims a queued job for `worker`: queued → running, attempt + 1, with a
-/// lease until `lease_seconds` past the job's timeout. `None` when the job is
-/// not queued (already claimed, terminal, cancelled) or does not exist.
+/// Claims a queued job for `worker`: queued → running, attempt + 1, a fresh
+/// lease token, and a lease of `lease_seconds` (renewed by the worker's
+/// heartbeat). `None` when the job is not queued (already claimed, ended,
+/// cancelled) or does not exist.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     id: Uuid,
@@ -354,15 +363,107 @@ pub async fn claim(
 ) -> sqlx::Result<Option<Claimed>> {
     sqlx::query_as(
         "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(), \
-                         updated_at = now(), progress = NULL, lease_owner = $2, \
-                         lease_expires_at = now() + make_interval(secs => timeout_seconds + $3) \
+                         updated_at = now(), progress = NULL, lease_owner = $2, lease_token = gen_random_uuid(), \
+                         lease_expires_at = now() + make_interval(secs => $3) \
          WHERE id = $1 AND status = 'queued' \
-         RETURNING id, tenant, queue, type, payload, attempt, max_attempts, timeout_seconds, request_id",
+         RETURNING id, tenant, queue, type, payload, attempt, max_attempts, timeout_seconds, request_id, lease_token",
     )
     .bind(id)
     .bind(worker)
     .bind(lease_seconds)
     .fetch_optional(db)
+    .await
+}
+
+/// A running job's lease, as its worker holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: Uuid,
+    pub token: Uuid,
+}
+
+/// Extends the leases a worker still holds by `lease_seconds`. Returns, for
+/// each lease still held, whether a client asked to cancel the job; a lease
+/// missing from the answer is lost (expired and rescued, or the job ended).
+pub async fn renew(db: impl PgExecutor<'_>, leases: &[Lease], lease_seconds: i32) -> sqlx::Result<Vec<(Uuid, bool)>> {
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.id).collect();
+    let tokens: Vec<Uuid> = leases.iter().map(|l| l.token).collect();
+    sqlx::query_as(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3) \
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS held(id, token) \
+         WHERE jobs.id = held.id AND jobs.lease_token = held.token AND jobs.status = 'running' \
+         RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(lease_seconds)
+    .fetch_all(db)
+    .await
+}
+
+/// Hands a running job back, unfinished, when its worker shuts down: queued
+/// again, the interrupted attempt not counted (it was not the job's fault).
+/// `None` if the lease is no longer held.
+pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> sqlx::Result<Option<Enqueued>> {
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', attempt = attempt - 1, started_at = NULL, progress = NULL, \
+                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, published_at = NULL, \
+                         updated_at = now() \
+         WHERE id = $1 AND lease_token = $2 AND status = 'running' \
+         RETURNING id, queue, priority, request_id",
+    )
+    .bind(lease.id)
+    .bind(lease.token)
+    .fetch_optional(db)
+    .await
+}
+
+/// Reconciler: moves scheduled and retrying jobs whose time has come to
+/// `queued`, up to `limit`, oldest due first. The caller publishes them.
+pub async fn queue_due(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', published_at = NULL, updated_at = now() \
+         WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now() \
+                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING id, queue, priority, request_id",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Reconciler: running jobs whose lease expired (their worker died or lost
+/// Postgres) fail that attempt. With attempts left they are retried at once
+/// (`retrying`, due now); on their last attempt they fail. Returns how many.
+pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE jobs SET status = CASE WHEN attempt < max_attempts THEN 'retrying' ELSE 'failed' END, \
+                         run_at = now(), \
+                         finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE now() END, \
+                         error = jsonb_build_object('message', 'the worker running this attempt was lost (lease expired)', \
+                                                    'kind', 'lease_expired', 'attempt', attempt), \
+                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
+         WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < now() \
+                      LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Reconciler (outbox): queued jobs with no confirmed publish whose last change
+/// is older than `grace_seconds` (so as not to race the API's own publish).
+pub async fn unpublished(db: impl PgExecutor<'_>, grace_seconds: i32, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
+    sqlx::query_as(
+        "SELECT id, queue, priority, request_id FROM jobs \
+         WHERE status = 'queued' AND published_at IS NULL \
+           AND updated_at < now() - make_interval(secs => $1) \
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(grace_seconds)
+    .bind(limit)
+    .fetch_all(db)
     .await
 }
 
@@ -401,10 +502,10 @@ impl Outcome {
     }
 }
 
-/// Records the outcome of attempt `attempt`. Fenced: it only applies while
-/// that very attempt is still the running one, so it returns `false` for a
-/// worker whose job was rescued and re-run meanwhile (a zombie).
-pub async fn finish(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, outcome: &Outcome) -> sqlx::Result<bool> {
+/// Records the outcome of the run holding `lease`. Fenced: it only applies
+/// while that lease is still the job's, so it returns `false` for a worker
+/// whose job was rescued and claimed again meanwhile (a zombie).
+pub async fn finish(db: impl PgExecutor<'_>, lease: Lease, outcome: &Outcome) -> sqlx::Result<bool> {
     let (result, error, retry_at) = match outcome {
         Outcome::Succeeded(result) => (Some(result), None, None),
         Outcome::Retrying { error, retry_at } => (None, Some(error), Some(*retry_at)),
@@ -414,11 +515,11 @@ pub async fn finish(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, outcome: &O
         "UPDATE jobs SET status = $3, result = $4, error = COALESCE($5, error), \
                          run_at = COALESCE($6, run_at), \
                          finished_at = CASE WHEN $3 = 'retrying' THEN NULL ELSE now() END, \
-                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-         WHERE id = $1 AND attempt = $2 AND status = 'running'",
+                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
+         WHERE id = $1 AND lease_token = $2 AND status = 'running'",
     )
-    .bind(id)
-    .bind(attempt)
+    .bind(lease.id)
+    .bind(lease.token)
     .bind(outcome.status().as_str())
     .bind(result.map(Json))
     .bind(error.map(Json))
@@ -429,13 +530,13 @@ pub async fn finish(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, outcome: &O
 }
 
 /// Records a running attempt's progress (fenced like [`finish`]).
-pub async fn set_progress(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, progress: i16) -> sqlx::Result<bool> {
+pub async fn set_progress(db: impl PgExecutor<'_>, lease: Lease, progress: i16) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "UPDATE jobs SET progress = $3, updated_at = now() \
-         WHERE id = $1 AND attempt = $2 AND status = 'running'",
+         WHERE id = $1 AND lease_token = $2 AND status = 'running'",
     )
-    .bind(id)
-    .bind(attempt)
+    .bind(lease.id)
+    .bind(lease.token)
     .bind(progress)
     .execute(db)
     .await?;

@@ -10,6 +10,10 @@ use crate::config::DatabaseSettings;
 pub mod jobs;
 pub mod workers;
 
+/// The `NOTIFY` channel on which the API announces that a running job was
+/// cancelled; the payload is the job id.
+pub const CANCEL_CHANNEL: &str = "conveyor_cancel";
+
 /// The migrations in `migrations/`, compiled in so a binary can migrate alone.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 

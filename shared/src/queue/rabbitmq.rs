@@ -75,6 +75,13 @@ pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator
     Ok(())
 }
 
+fn io_timeout(what: &str) -> lapin::Error {
+    lapin::Error::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("timed out {what}"),
+    ))
+}
+
 /// Why a publish did not get a positive confirm.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -138,7 +145,13 @@ impl Publisher {
             return Ok((connection.clone(), channel.clone()));
         }
         *link = None;
-        let connection = Arc::new(connect(&inner.settings, &inner.connection_name).await?);
+        // Bounded: a black-holed broker must not hold the lock (and every
+        // publisher waiting on it) for a TCP timeout.
+        let timeout = inner.settings.confirm_timeout();
+        let connection = tokio::time::timeout(timeout, connect(&inner.settings, &inner.connection_name))
+            .await
+            .map_err(|_| io_timeout("connecting to RabbitMQ"))??;
+        let connection = Arc::new(connection);
         let channel = connection.create_channel().await?;
         declare(&channel, &inner.names, inner.queues.iter().map(String::as_str)).await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
