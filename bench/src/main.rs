@@ -1,0 +1,524 @@
+//! `bench`: drives a running Conveyor through its public HTTP API and prints
+//! what it measured: a table for people, then one JSON line for scripts.
+//!
+//! It shares the machine with what it measures, so it is frugal: one
+//! single-threaded tokio runtime and one HTTP client whose connections are
+//! reused. Worker processes, when a mode needs them, are started by the
+//! bench itself (`--worker-bin`), so that `drain` can enqueue with no worker
+//! running and then time the workers alone.
+//!
+//! Modes: `submit`, `drain`, `e2e`, `latency`, `poll` (see `--help`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    version,
+    about = "Load Conveyor through its HTTP API and report the figures"
+)]
+struct Cli {
+    /// The API's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// An API key with jobs:read, jobs:write (and admin is not needed).
+    #[arg(long, env = "CONVEYOR_TOKEN", global = true)]
+    token: String,
+    /// The API server's pid, to sample its memory (RSS).
+    #[arg(long, global = true)]
+    api_pid: Option<u32>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Closed-loop submissions of noop jobs: jobs/s and latency.
+    Submit(Load),
+    /// Enqueue N jobs with no worker running, then start the workers and time until all are done.
+    Drain(Drained),
+    /// Submit with workers running: jobs/s until every job is done.
+    E2e(Drained),
+    /// Open loop at a fixed rate: submit → done, as a client polling every 2 ms sees it.
+    Latency(Latency),
+    /// GET of a finished job against GET /healthz, on the same server in the same run.
+    Poll(Poll),
+}
+
+#[derive(Debug, Args)]
+struct Load {
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+struct Workers {
+    /// The worker binary to start.
+    #[arg(long, default_value = "target/release/worker")]
+    worker_bin: PathBuf,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Concurrency of each worker process.
+    #[arg(long, default_value_t = 64)]
+    worker_concurrency: u16,
+}
+
+#[derive(Debug, Args)]
+struct Drained {
+    #[command(flatten)]
+    load: Load,
+    #[command(flatten)]
+    workers: Workers,
+}
+
+#[derive(Debug, Args)]
+struct Latency {
+    /// Jobs submitted per second.
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[command(flatten)]
+    workers: Workers,
+}
+
+#[derive(Debug, Args)]
+struct Poll {
+    /// Seconds of load per target.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    let report = local.block_on(&runtime, run(cli))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// The HTTP side of the bench.
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(1024)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            client,
+        })
+    }
+
+    /// Submits a noop job; returns the status code and, on 202, the job id.
+    async fn submit(&self) -> (u16, Option<String>) {
+        let response = self
+            .client
+            .post(format!("{}/v1/jobs", self.base))
+            .header("content-type", "application/json")
+            .body(r#"{"type":"noop"}"#)
+            .send()
+            .await;
+        match response {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let id = if status == 202 {
+                    response
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|job| job["id"].as_str().map(str::to_owned))
+                } else {
+                    None
+                };
+                (status, id)
+            }
+            Err(_) => (0, None),
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Option<Value>) {
+        match self.client.get(format!("{}{path}", self.base)).send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.ok())
+            }
+            Err(_) => (0, None),
+        }
+    }
+
+    /// Jobs of this tenant not yet ended, at least `limit` of them counted:
+    /// cheap index lookups, so polling it does not load the database.
+    async fn any_unfinished(&self) -> anyhow::Result<bool> {
+        for status in ["queued", "running", "retrying", "scheduled"] {
+            let (code, page) = self.get(&format!("/v1/jobs?status={status}&limit=1")).await;
+            if code != 200 {
+                bail!("listing {status} jobs answered {code}");
+            }
+            if page.is_some_and(|p| p["jobs"].as_array().is_some_and(|jobs| !jobs.is_empty())) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn wait_all_done(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.any_unfinished().await? {
+            if Instant::now() > deadline {
+                bail!("jobs still unfinished after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Latencies in microseconds, summarised.
+fn percentiles(mut micros: Vec<u64>) -> Value {
+    micros.sort_unstable();
+    let at = |p: f64| -> f64 {
+        if micros.is_empty() {
+            return 0.0;
+        }
+        let i = ((micros.len() as f64 - 1.0) * p).round() as usize;
+        micros[i] as f64 / 1000.0
+    };
+    json!({"p50_ms": at(0.50), "p90_ms": at(0.90), "p99_ms": at(0.99), "max_ms": at(1.0)})
+}
+
+/// Samples the resident memory of some processes every 100 ms; keeps the peak.
+struct RssSampler {
+    peaks: Rc<std::cell::RefCell<BTreeMap<String, u64>>>,
+    stop: Rc<std::cell::Cell<bool>>,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl RssSampler {
+    fn start(processes: Vec<(String, u32)>) -> Self {
+        let peaks = Rc::new(std::cell::RefCell::new(BTreeMap::new()));
+        let stop = Rc::new(std::cell::Cell::new(false));
+        let (p, s) = (peaks.clone(), stop.clone());
+        tokio::task::spawn_local(async move {
+            while !s.get() {
+                for (name, pid) in &processes {
+                    if let Some(kib) = rss_kib(*pid) {
+                        let mut peaks = p.borrow_mut();
+                        let peak = peaks.entry(name.clone()).or_insert(0);
+                        *peak = (*peak).max(kib);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { peaks, stop }
+    }
+
+    fn finish(self) -> Value {
+        self.stop.set(true);
+        let peaks = self.peaks.borrow();
+        Value::Object(
+            peaks
+                .iter()
+                .map(|(name, kib)| (name.clone(), json!((*kib as f64 / 1024.0 * 10.0).round() / 10.0)))
+                .collect(),
+        )
+    }
+}
+
+/// Worker processes started for a mode, stopped (SIGTERM, then waited for) at the end.
+struct WorkerProcesses {
+    children: Vec<tokio::process::Child>,
+}
+
+impl WorkerProcesses {
+    async fn start(workers: &Workers) -> anyhow::Result<Self> {
+        let mut children = Vec::new();
+        for _ in 0..workers.workers {
+            let child = tokio::process::Command::new(&workers.worker_bin)
+                .args(["--concurrency", &workers.worker_concurrency.to_string()])
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("Failed to start {}", workers.worker_bin.display()))?;
+            children.push(child);
+        }
+        Ok(Self { children })
+    }
+
+    fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.id().map(|pid| (format!("worker{}_mib", i + 1), pid)))
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        for child in &self.children {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for child in &mut self.children {
+            let _ = child.wait().await;
+        }
+    }
+}
+
+/// Closed loop: `concurrency` clients submit until `n` submissions are done.
+async fn submit_load(api: &Rc<Api>, load: &Load) -> (Duration, Vec<u64>, BTreeMap<u16, u64>) {
+    let next = Rc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..load.concurrency {
+        let (api, next, n) = (api.clone(), next.clone(), load.n as u64);
+        clients.push(tokio::task::spawn_local(async move {
+            let mut latencies = Vec::new();
+            let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let sent = Instant::now();
+                let (code, _) = api.submit().await;
+                latencies.push(sent.elapsed().as_micros() as u64);
+                *codes.entry(code).or_default() += 1;
+            }
+            (latencies, codes)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(load.n);
+    let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
+    for client in clients {
+        if let Ok((l, c)) = client.await {
+            latencies.extend(l);
+            for (code, count) in c {
+                *codes.entry(code).or_default() += count;
+            }
+        }
+    }
+    (started.elapsed(), latencies, codes)
+}
+
+fn per_second(n: usize, took: Duration) -> f64 {
+    (n as f64 / took.as_secs_f64()).round()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Value> {
+    let api = Rc::new(Api::new(&cli.url, &cli.token)?);
+    let (code, _) = api.get("/v1/jobs?limit=1").await;
+    if code != 200 {
+        bail!(
+            "{} does not answer GET /v1/jobs with 200 (got {code}); is it up, and is the token right?",
+            cli.url
+        );
+    }
+    let api_process: Vec<(String, u32)> = cli.api_pid.map(|pid| ("api_mib".to_owned(), pid)).into_iter().collect();
+    let report = match cli.mode {
+        Mode::Submit(load) => {
+            let rss = RssSampler::start(api_process);
+            let (took, latencies, codes) = submit_load(&api, &load).await;
+            let rss = rss.finish();
+            let report = json!({
+                "mode": "submit", "n": load.n, "concurrency": load.concurrency,
+                "jobs_per_s": per_second(load.n, took), "latency": percentiles(latencies),
+                "status": codes, "rss_mib": rss,
+            });
+            println!(
+                "submit  n={} c={}: {} jobs/s, latency {}, status {}, rss {}",
+                load.n, load.concurrency, report["jobs_per_s"], report["latency"], report["status"], report["rss_mib"]
+            );
+            report
+        }
+        Mode::Drain(drained) => {
+            let (_, _, codes) = submit_load(&api, &drained.load).await;
+            let workers = WorkerProcesses::start(&drained.workers).await?;
+            let mut watched = api_process.clone();
+            watched.extend(workers.pids());
+            let rss = RssSampler::start(watched);
+            let started = Instant::now();
+            api.wait_all_done(Duration::from_secs(600)).await?;
+            let took = started.elapsed();
+            let rss = rss.finish();
+            workers.stop().await;
+            let report = json!({
+                "mode": "drain", "n": drained.load.n, "workers": drained.workers.workers,
+                "worker_concurrency": drained.workers.worker_concurrency,
+                "jobs_per_s": per_second(drained.load.n, took), "seconds": took.as_secs_f64(),
+                "submit_status": codes, "rss_mib": rss,
+            });
+            println!(
+                "drain   n={} workers={}x{}: {} jobs/s ({:.2} s), rss {}",
+                drained.load.n,
+                drained.workers.workers,
+                drained.workers.worker_concurrency,
+                report["jobs_per_s"],
+                took.as_secs_f64(),
+                report["rss_mib"]
+            );
+            report
+        }
+        Mode::E2e(drained) => {
+            let workers = WorkerProcesses::start(&drained.workers).await?;
+            // Let the workers connect before the clock starts.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut watched = api_process.clone();
+            watched.extend(workers.pids());
+            let rss = RssSampler::start(watched);
+            let started = Instant::now();
+            let (_, latencies, codes) = submit_load(&api, &drained.load).await;
+            api.wait_all_done(Duration::from_secs(600)).await?;
+            let took = started.elapsed();
+            let rss = rss.finish();
+            workers.stop().await;
+            let report = json!({
+                "mode": "e2e", "n": drained.load.n, "concurrency": drained.load.concurrency,
+                "workers": drained.workers.workers, "worker_concurrency": drained.workers.worker_concurrency,
+                "jobs_per_s": per_second(drained.load.n, took), "submit_latency": percentiles(latencies),
+                "status": codes, "rss_mib": rss,
+            });
+            println!(
+                "e2e     n={} c={} workers={}x{}: {} jobs/s, rss {}",
+                drained.load.n,
+                drained.load.concurrency,
+                drained.workers.workers,
+                drained.workers.worker_concurrency,
+                report["jobs_per_s"],
+                report["rss_mib"]
+            );
+            report
+        }
+        Mode::Latency(latency) => {
+            let workers = WorkerProcesses::start(&latency.workers).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut watched = api_process.clone();
+            watched.extend(workers.pids());
+            let rss = RssSampler::start(watched);
+            let interval = Duration::from_secs_f64(1.0 / f64::from(latency.rate.max(1)));
+            let total = latency.rate as u64 * latency.duration;
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut probes = Vec::new();
+            for _ in 0..total {
+                ticks.tick().await;
+                let api = api.clone();
+                probes.push(tokio::task::spawn_local(async move {
+                    let sent = Instant::now();
+                    let (code, id) = api.submit().await;
+                    let id = id?;
+                    if code != 202 {
+                        return None;
+                    }
+                    loop {
+                        let (_, job) = api.get(&format!("/v1/jobs/{id}")).await;
+                        let status = job.as_ref().and_then(|j| j["status"].as_str()).unwrap_or_default();
+                        if matches!(status, "succeeded" | "failed" | "cancelled") {
+                            return Some(sent.elapsed().as_micros() as u64);
+                        }
+                        if sent.elapsed() > Duration::from_secs(30) {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }));
+            }
+            let mut latencies = Vec::new();
+            let mut lost = 0;
+            for probe in probes {
+                match probe.await {
+                    Ok(Some(micros)) => latencies.push(micros),
+                    _ => lost += 1,
+                }
+            }
+            let rss = rss.finish();
+            workers.stop().await;
+            let report = json!({
+                "mode": "latency", "rate": latency.rate, "duration_s": latency.duration,
+                "jobs": latencies.len(), "unfinished": lost,
+                "submit_to_done": percentiles(latencies), "rss_mib": rss,
+            });
+            println!(
+                "latency rate={}/s for {} s: submit→done {}, unfinished {lost}, rss {}",
+                latency.rate, latency.duration, report["submit_to_done"], report["rss_mib"]
+            );
+            report
+        }
+        Mode::Poll(poll) => {
+            let (_, page) = api.get("/v1/jobs?status=succeeded&limit=1").await;
+            let Some(id) = page
+                .as_ref()
+                .and_then(|p| p["jobs"][0]["id"].as_str())
+                .map(str::to_owned)
+            else {
+                bail!("poll needs a finished job of this tenant: run e2e or drain first");
+            };
+            let job_path = format!("/v1/jobs/{id}");
+            let rss = RssSampler::start(api_process);
+            let job = closed_loop_gets(&api, &job_path, &poll).await;
+            let health = closed_loop_gets(&api, "/healthz", &poll).await;
+            let rss = rss.finish();
+            let report = json!({
+                "mode": "poll", "concurrency": poll.concurrency, "duration_s": poll.duration,
+                "job_req_per_s": job, "healthz_req_per_s": health,
+                "ratio": (job / health * 1000.0).round() / 1000.0, "rss_mib": rss,
+            });
+            println!(
+                "poll    c={}: GET job {job} req/s, GET /healthz {health} req/s, ratio {}, rss {}",
+                poll.concurrency, report["ratio"], report["rss_mib"]
+            );
+            report
+        }
+    };
+    Ok(report)
+}
+
+/// Requests per second of GET `path`, closed loop, for the configured time.
+async fn closed_loop_gets(api: &Rc<Api>, path: &str, poll: &Poll) -> f64 {
+    let done = Rc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(poll.duration);
+    let mut clients = Vec::new();
+    for _ in 0..poll.concurrency {
+        let (api, done, path) = (api.clone(), done.clone(), path.to_owned());
+        clients.push(tokio::task::spawn_local(async move {
+            while Instant::now() < deadline {
+                if let Ok(response) = api.client.get(format!("{}{path}", api.base)).send().await
+                    && response.status().is_success()
+                    && response.bytes().await.is_ok()
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for client in clients {
+        let _ = client.await;
+    }
+    (done.load(Ordering::Relaxed) as f64 / poll.duration as f64).round()
+}
