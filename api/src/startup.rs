@@ -9,6 +9,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use shared::config::Settings;
 use shared::db;
+use shared::outbox::Recorder;
 use shared::queue::Publisher;
 use sqlx::PgPool;
 
@@ -20,6 +21,8 @@ pub struct AppState {
     pub settings: Settings,
     pub pool: PgPool,
     pub publisher: Publisher,
+    /// Records confirmed publishes in batches (see [`shared::outbox`]).
+    pub recorder: Recorder,
     pub auth: Authenticator,
 }
 
@@ -57,10 +60,12 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
+        let recorder = Recorder::spawn(pool.clone());
         let state = web::Data::new(AppState {
             settings,
             pool,
             publisher,
+            recorder,
             auth,
         });
         let server = HttpServer::new(move || {

@@ -157,9 +157,7 @@ pub async fn submit(
 /// whatever happens here: one whose publish fails stays in the outbox and the
 /// reconciler publishes it later. So failures are logged, not answered.
 async fn publish(state: &AppState, jobs: Vec<Enqueued>) {
-    if let Err(e) = outbox::publish(&state.publisher, &state.pool, jobs).await {
-        tracing::warn!(error = %e, "published, but could not record it; the job may be published twice");
-    }
+    outbox::publish_recorded(&state.publisher, &state.recorder, jobs).await;
 }
 
 /// `GET /v1/jobs/{id}`.

@@ -28,16 +28,27 @@ async fn a_submitted_job_is_committed_and_published_before_202(_: PgPoolOptionsU
         (job.priority, job.attempt, job.max_attempts, job.timeout_seconds),
         (0, 0, 5, 300)
     );
-    // Durable at 202: the row is committed and marked published, and the
-    // message is already in RabbitMQ (no worker is running to take it).
-    let published: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT published_at FROM jobs WHERE id = $1")
-            .bind(job.id)
-            .fetch_one(&app.pool)
-            .await
-            .expect("row committed");
-    assert!(published.is_some(), "the publish was confirmed, so it is recorded");
+    // Durable at 202: the row is committed and the message is already in
+    // RabbitMQ (confirmed; no worker is running to take it).
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = $1")
+        .bind(job.id)
+        .fetch_one(&app.pool)
+        .await
+        .expect("query");
+    assert_eq!(committed, 1);
     assert_eq!(app.amqp.depth("default").await, 1);
+    // The confirm is then recorded (in a batch), taking the job out of the outbox.
+    let recorded = wait_until(Duration::from_secs(5), || async {
+        let published: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT published_at FROM jobs WHERE id = $1")
+                .bind(job.id)
+                .fetch_one(&app.pool)
+                .await
+                .expect("query");
+        published.is_some()
+    })
+    .await;
+    assert!(recorded, "the confirmed publish was never recorded");
     assert_eq!(app.get_job(job.id).await, job);
     app.stop().await;
 }
