@@ -25,6 +25,8 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
+
+use crate::outcomes::OutcomeWriter;
 use uuid::Uuid;
 
 /// How long to wait before handing a message back when Postgres is unreachable,
@@ -69,6 +71,7 @@ pub struct Executor {
     worker_id: Uuid,
     pool: PgPool,
     publisher: Publisher,
+    outcomes: OutcomeWriter,
     settings: JobSettings,
     lease_seconds: i32,
     running: Mutex<HashMap<Uuid, Running>>,
@@ -96,6 +99,7 @@ impl Executor {
     pub fn new(worker_id: Uuid, pool: PgPool, publisher: Publisher, settings: JobSettings, lease_seconds: u32) -> Self {
         Self {
             worker_id,
+            outcomes: OutcomeWriter::spawn(pool.clone()),
             pool,
             publisher,
             settings,
@@ -256,16 +260,16 @@ impl Executor {
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match self.after(&job, ran, Stop::from_u8(stop.load(Ordering::SeqCst))) {
-            After::Finish(outcome) => self.finish(lease, &outcome, elapsed_ms).await,
+            After::Finish(outcome) => self.finish(lease, outcome, elapsed_ms).await,
             After::Release => self.release(lease).await,
             After::Abandon => tracing::warn!(elapsed_ms, "lease lost while running; the outcome is discarded"),
         }
     }
 
-    async fn finish(&self, lease: Lease, outcome: &Outcome, elapsed_ms: u64) {
+    async fn finish(&self, lease: Lease, outcome: Outcome, elapsed_ms: u64) {
         let status = outcome.status();
         for attempt in 1..=FINISH_ATTEMPTS {
-            match jobs::finish(&self.pool, lease, outcome).await {
+            match self.outcomes.write(lease, outcome.clone()).await {
                 Ok(true) => {
                     tracing::info!(%status, elapsed_ms, "job finished");
                     return;

@@ -506,27 +506,47 @@ impl Outcome {
 /// while that lease is still the job's, so it returns `false` for a worker
 /// whose job was rescued and claimed again meanwhile (a zombie).
 pub async fn finish(db: impl PgExecutor<'_>, lease: Lease, outcome: &Outcome) -> sqlx::Result<bool> {
-    let (result, error, retry_at) = match outcome {
-        Outcome::Succeeded(result) => (Some(result), None, None),
-        Outcome::Retrying { error, retry_at } => (None, Some(error), Some(*retry_at)),
-        Outcome::Failed(error) | Outcome::Cancelled(error) => (None, Some(error), None),
-    };
-    let done = sqlx::query(
-        "UPDATE jobs SET status = $3, result = $4, error = COALESCE($5, error), \
-                         run_at = COALESCE($6, run_at), \
-                         finished_at = CASE WHEN $3 = 'retrying' THEN NULL ELSE now() END, \
+    Ok(!finish_many(db, &[(lease, outcome)]).await?.is_empty())
+}
+
+/// Records many outcomes in one statement (fenced one by one like [`finish`]);
+/// returns the ids whose outcome was recorded.
+pub async fn finish_many(db: impl PgExecutor<'_>, outcomes: &[(Lease, &Outcome)]) -> sqlx::Result<Vec<Uuid>> {
+    let n = outcomes.len();
+    let (mut ids, mut tokens, mut statuses) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut results, mut errors, mut retry_ats) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (lease, outcome) in outcomes {
+        let (result, error, retry_at) = match outcome {
+            Outcome::Succeeded(result) => (Some(Json(result)), None, None),
+            Outcome::Retrying { error, retry_at } => (None, Some(Json(error)), Some(*retry_at)),
+            Outcome::Failed(error) | Outcome::Cancelled(error) => (None, Some(Json(error)), None),
+        };
+        ids.push(lease.id);
+        tokens.push(lease.token);
+        statuses.push(outcome.status().as_str());
+        results.push(result);
+        errors.push(error);
+        retry_ats.push(retry_at);
+    }
+    sqlx::query_scalar(
+        "UPDATE jobs SET status = o.status, result = o.result, error = COALESCE(o.error, jobs.error), \
+                         run_at = COALESCE(o.retry_at, jobs.run_at), \
+                         finished_at = CASE WHEN o.status = 'retrying' THEN NULL ELSE now() END, \
                          lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
-         WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[]) \
+              AS o(id, token, status, result, error, retry_at) \
+         WHERE jobs.id = o.id AND jobs.lease_token = o.token AND jobs.status = 'running' \
+         RETURNING jobs.id",
     )
-    .bind(lease.id)
-    .bind(lease.token)
-    .bind(outcome.status().as_str())
-    .bind(result.map(Json))
-    .bind(error.map(Json))
-    .bind(retry_at)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .bind(ids)
+    .bind(tokens)
+    .bind(statuses)
+    .bind(results)
+    .bind(errors)
+    .bind(retry_ats)
+    .fetch_all(db)
+    .await
 }
 
 /// Records a running attempt's progress (fenced like [`finish`]).
