@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::outcomes::OutcomeWriter;
+use crate::batch::{Claimer, OutcomeWriter};
 use uuid::Uuid;
 
 /// How long to wait before handing a message back when Postgres is unreachable,
@@ -68,9 +68,9 @@ struct Running {
 
 /// Runs jobs for one worker process.
 pub struct Executor {
-    worker_id: Uuid,
     pool: PgPool,
     publisher: Publisher,
+    claimer: Claimer,
     outcomes: OutcomeWriter,
     settings: JobSettings,
     lease_seconds: i32,
@@ -97,13 +97,14 @@ enum After {
 
 impl Executor {
     pub fn new(worker_id: Uuid, pool: PgPool, publisher: Publisher, settings: JobSettings, lease_seconds: u32) -> Self {
+        let lease_seconds = i32::try_from(lease_seconds).unwrap_or(i32::MAX);
         Self {
-            worker_id,
+            claimer: Claimer::spawn(pool.clone(), worker_id, lease_seconds),
             outcomes: OutcomeWriter::spawn(pool.clone()),
             pool,
             publisher,
             settings,
-            lease_seconds: i32::try_from(lease_seconds).unwrap_or(i32::MAX),
+            lease_seconds,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -186,7 +187,7 @@ impl Executor {
     }
 
     async fn run_job(&self, job_id: Uuid, delivery: Delivery) {
-        let claimed = match jobs::claim(&self.pool, job_id, self.worker_id, self.lease_seconds).await {
+        let claimed = match self.claimer.claim(job_id).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "could not claim job; handing the message back");

@@ -142,3 +142,35 @@ async fn a_duplicate_message_is_dropped_and_one_for_an_unknown_job_dead_lettered
     );
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn two_messages_for_one_job_arriving_together_run_it_once(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app(connect).await;
+    let endpoint = crate::helpers::Endpoint::start(200).await;
+    // Each job's message is in the queue twice (as after a republish), side by side.
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let job = app
+            .submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}}))
+            .await;
+        let duplicate = serde_json::to_vec(&Message::RunJob { job_id: job.id }).expect("json");
+        app.amqp.publish_raw("default", &duplicate).await;
+        ids.push(job.id);
+    }
+    assert_eq!(app.amqp.depth("default").await, 10);
+
+    // Many slots: the duplicates are claimed in the same batches as their originals.
+    app.spawn_worker(&["default"], 16);
+    for id in &ids {
+        assert_eq!(app.wait_terminal(*id).await.status, JobStatus::Succeeded);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.amqp.depth("default").await == 0
+        })
+        .await
+    );
+    assert_eq!(endpoint.received().len(), 5, "each webhook was delivered once");
+    endpoint.stop().await;
+    app.stop().await;
+}

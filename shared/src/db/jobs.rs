@@ -361,17 +361,27 @@ pub async fn claim(
     worker: Uuid,
     lease_seconds: i32,
 ) -> sqlx::Result<Option<Claimed>> {
+    Ok(claim_many(db, &[id], worker, lease_seconds).await?.pop())
+}
+
+/// Claims every one of `ids` that is queued, in one statement (see [`claim`]).
+pub async fn claim_many(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    worker: Uuid,
+    lease_seconds: i32,
+) -> sqlx::Result<Vec<Claimed>> {
     sqlx::query_as(
         "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(), \
                          updated_at = now(), progress = NULL, lease_owner = $2, lease_token = gen_random_uuid(), \
                          lease_expires_at = now() + make_interval(secs => $3) \
-         WHERE id = $1 AND status = 'queued' \
+         WHERE id = ANY($1) AND status = 'queued' \
          RETURNING id, tenant, queue, type, payload, attempt, max_attempts, timeout_seconds, request_id, lease_token",
     )
-    .bind(id)
+    .bind(ids)
     .bind(worker)
     .bind(lease_seconds)
-    .fetch_optional(db)
+    .fetch_all(db)
     .await
 }
 
