@@ -18,11 +18,8 @@ pub async fn read_json<T: DeserializeOwned>(
     limit: usize,
 ) -> Result<T, ApiError> {
     check_content_type(req)?;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
@@ -71,24 +68,13 @@ fn strip_position(message: &str) -> String {
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
-        return Err(ApiError::UnsupportedMediaType(
-            "send the body as Content-Type: application/json".into(),
-        ));
+        return Err(ApiError::UnsupportedMediaType("send the body as Content-Type: application/json".into()));
     };
-    let essence = value
-        .to_str()
-        .unwrap_or_default()
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = value.to_str().unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
         Ok(())
     } else {
-        Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type {essence:?} is not supported; send application/json"
-        )))
+        Err(ApiError::UnsupportedMediaType(format!("Content-Type {essence:?} is not supported; send application/json")))
     }
 }
 
@@ -105,10 +91,7 @@ mod tests {
     #[test]
     fn syntax_errors_are_400_and_shape_errors_422_with_the_path() {
         assert!(matches!(parse_json::<Shape>(b"{\"n\": "), Err(ApiError::BadRequest(_))));
-        assert!(matches!(
-            parse_json::<Shape>(br#"{"n": 1} trailing"#),
-            Err(ApiError::BadRequest(_))
-        ));
+        assert!(matches!(parse_json::<Shape>(br#"{"n": 1} trailing"#), Err(ApiError::BadRequest(_))));
         match parse_json::<Shape>(br#"{"n": "x"}"#) {
             Err(ApiError::Validation(errors)) => assert_eq!(errors[0].field, "n"),
             other => panic!("unexpected: {other:?}"),

@@ -145,27 +145,19 @@ fn requeueable_status(s: &str) -> Result<JobStatus, String> {
 fn terminal_status(s: &str) -> Result<JobStatus, String> {
     match parse_status(s)? {
         status if status.is_terminal() => Ok(status),
-        other => Err(format!(
-            "only finished jobs (succeeded, failed, cancelled) are pruned, not {other}"
-        )),
+        other => Err(format!("only finished jobs (succeeded, failed, cancelled) are pruned, not {other}")),
     }
 }
 
 fn parse_tenant(s: &str) -> Result<String, String> {
-    if shared::config::is_name(s) {
-        Ok(s.to_owned())
-    } else {
-        Err("a tenant is 1-64 of [a-zA-Z0-9_-]".to_owned())
-    }
+    if shared::config::is_name(s) { Ok(s.to_owned()) } else { Err("a tenant is 1-64 of [a-zA-Z0-9_-]".to_owned()) }
 }
 
 /// `90s`, `30m`, `24h`, `7d`, `2w`.
 pub fn parse_age(s: &str) -> Result<chrono::Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not an age like 30m, 24h or 7d"))?;
+    let n: i64 = number.parse().map_err(|_| format!("{s:?} is not an age like 30m, 24h or 7d"))?;
     let age = match unit {
         "s" => chrono::Duration::try_seconds(n),
         "m" => chrono::Duration::try_minutes(n),
@@ -174,8 +166,7 @@ pub fn parse_age(s: &str) -> Result<chrono::Duration, String> {
         "w" => chrono::Duration::try_weeks(n),
         _ => return Err(format!("{s:?} has no unit: use s, m, h, d or w (e.g. 24h)")),
     };
-    age.filter(|age| *age > chrono::Duration::zero())
-        .ok_or_else(|| format!("{s:?} is not a positive age"))
+    age.filter(|age| *age > chrono::Duration::zero()).ok_or_else(|| format!("{s:?} is not a positive age"))
 }
 
 #[cfg(test)]

@@ -23,11 +23,7 @@ use crate::cli::{JobsCommand, KeysCommand, PruneArgs, RequeueArgs};
 pub const BATCH: i64 = 1000;
 
 fn publisher(settings: &Settings) -> Publisher {
-    Publisher::new(
-        &settings.amqp,
-        settings.queues.keys().cloned().collect(),
-        "conveyor-cli",
-    )
+    Publisher::new(&settings.amqp, settings.queues.keys().cloned().collect(), "conveyor-cli")
 }
 
 /// What a requeue did (or, in a dry run, would do).
@@ -63,18 +59,10 @@ pub async fn requeue(
     } else {
         requeue_ids(&publisher, pool, &args.ids, args.dry_run).await?
     };
-    let Requeued {
-        count,
-        ids,
-        unpublished,
-    } = done;
+    let Requeued { count, ids, unpublished } = done;
     match (args.json, args.dry_run) {
         (true, true) => writeln!(out, "{}", json!({"dry_run": true, "would_requeue": count, "ids": ids}))?,
-        (true, false) => writeln!(
-            out,
-            "{}",
-            json!({"requeued": count, "ids": ids, "unpublished": unpublished})
-        )?,
+        (true, false) => writeln!(out, "{}", json!({"requeued": count, "ids": ids, "unpublished": unpublished}))?,
         (false, true) => writeln!(out, "would requeue {count} job{}", plural(count))?,
         (false, false) => {
             writeln!(out, "requeued {count} job{}", plural(count))?;
@@ -119,9 +107,7 @@ async fn requeue_ids(publisher: &Publisher, pool: &PgPool, ids: &[Uuid], dry_run
 
 /// By filter, in batches of [`BATCH`], each its own short statement.
 async fn requeue_matching(publisher: &Publisher, pool: &PgPool, args: &RequeueArgs) -> anyhow::Result<Requeued> {
-    let Some(status) = args.status else {
-        bail!("give job ids or --status")
-    };
+    let Some(status) = args.status else { bail!("give job ids or --status") };
     let filter = RequeueFilter {
         status,
         kind: args.kind.clone(),
@@ -135,14 +121,10 @@ async fn requeue_matching(publisher: &Publisher, pool: &PgPool, args: &RequeueAr
     while remaining > 0 {
         let batch = BATCH.min(remaining);
         let (ids, unpublished) = if args.dry_run {
-            let ids = jobs::requeue_preview(pool, &filter, after, batch)
-                .await
-                .context("Failed to read the jobs")?;
+            let ids = jobs::requeue_preview(pool, &filter, after, batch).await.context("Failed to read the jobs")?;
             (ids, Vec::new())
         } else {
-            let moved = jobs::requeue_batch(pool, &filter, after, batch)
-                .await
-                .context("Failed to requeue")?;
+            let moved = jobs::requeue_batch(pool, &filter, after, batch).await.context("Failed to requeue")?;
             publish(publisher, pool, moved).await?
         };
         after = ids.iter().max().copied().or(after);
@@ -162,31 +144,15 @@ async fn publish(publisher: &Publisher, pool: &PgPool, moved: Vec<Enqueued>) -> 
     if moved.is_empty() {
         return Ok((ids, Vec::new()));
     }
-    let report = outbox::publish(publisher, pool, moved)
-        .await
-        .context("Failed to record publishes")?;
+    let report = outbox::publish(publisher, pool, moved).await.context("Failed to record publishes")?;
     Ok((ids, report.failed.into_iter().map(|(id, _)| id).collect()))
 }
 
 pub async fn jobs(pool: &PgPool, command: JobsCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match command {
-        JobsCommand::List {
-            status,
-            kind,
-            queue,
-            tenant,
-            limit,
-            json,
-        } => {
-            let filter = ListFilter {
-                status,
-                kind,
-                queue,
-                before: None,
-            };
-            let jobs = jobs::list(pool, tenant.as_deref(), &filter, limit)
-                .await
-                .context("Failed to list jobs")?;
+        JobsCommand::List { status, kind, queue, tenant, limit, json } => {
+            let filter = ListFilter { status, kind, queue, before: None };
+            let jobs = jobs::list(pool, tenant.as_deref(), &filter, limit).await.context("Failed to list jobs")?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&jobs)?)?;
             } else {
@@ -194,10 +160,7 @@ pub async fn jobs(pool: &PgPool, command: JobsCommand, out: &mut impl Write) -> 
             }
         }
         JobsCommand::Show { id, json } => {
-            let Some(job) = jobs::get_scoped(pool, None, id)
-                .await
-                .context("Failed to read the job")?
-            else {
+            let Some(job) = jobs::get_scoped(pool, None, id).await.context("Failed to read the job")? else {
                 bail!("no job {id}");
             };
             if json {
@@ -255,11 +218,7 @@ fn write_job(out: &mut impl Write, job: &Job) -> std::io::Result<()> {
         writeln!(out, "result:        {result}")?;
     }
     if let Some(error) = &job.error {
-        writeln!(
-            out,
-            "error:         {} ({:?}, attempt {})",
-            error.message, error.kind, error.attempt
-        )?;
+        writeln!(out, "error:         {} ({:?}, attempt {})", error.message, error.kind, error.attempt)?;
     }
     Ok(())
 }
@@ -270,9 +229,8 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
             if scopes.names().is_empty() {
                 bail!("--scopes must name at least one of jobs:read, jobs:write, admin");
             }
-            let (_, token) = keys::create(pool, &tenant, name.as_deref(), scopes)
-                .await
-                .context("Failed to create the key")?;
+            let (_, token) =
+                keys::create(pool, &tenant, name.as_deref(), scopes).await.context("Failed to create the key")?;
             writeln!(out, "{token}")?;
         }
         KeysCommand::List { json } => {
@@ -286,9 +244,8 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
                     "ID", "TENANT", "NAME", "PREFIX", "SCOPES"
                 )?;
                 for key in keys {
-                    let status = key
-                        .revoked_at
-                        .map_or("active".to_owned(), |at| format!("revoked {}", at.format("%Y-%m-%d")));
+                    let status =
+                        key.revoked_at.map_or("active".to_owned(), |at| format!("revoked {}", at.format("%Y-%m-%d")));
                     writeln!(
                         out,
                         "{:<36}  {:<12}  {:<16}  {:<12}  {:<28}  {status}",
@@ -302,11 +259,7 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
             }
         }
         KeysCommand::Revoke { key_id } => match keys::revoke(pool, key_id).await.context("Failed to revoke")? {
-            Some(key) => writeln!(
-                out,
-                "revoked key {} (tenant {}, prefix {})",
-                key.id, key.tenant, key.prefix
-            )?,
+            Some(key) => writeln!(out, "revoked key {} (tenant {}, prefix {})", key.id, key.tenant, key.prefix)?,
             None => bail!("no key {key_id}"),
         },
     }
@@ -321,30 +274,18 @@ pub async fn prune(pool: &PgPool, args: PruneArgs, out: &mut impl Write) -> anyh
     };
     let before = Utc::now() - args.older_than;
     if args.dry_run {
-        let count = jobs::prune_count(pool, &statuses, before)
-            .await
-            .context("Failed to count jobs")?;
-        writeln!(
-            out,
-            "would delete {count} job{}",
-            plural(usize::try_from(count).unwrap_or(0))
-        )?;
+        let count = jobs::prune_count(pool, &statuses, before).await.context("Failed to count jobs")?;
+        writeln!(out, "would delete {count} job{}", plural(usize::try_from(count).unwrap_or(0)))?;
         return Ok(());
     }
     let mut deleted = 0u64;
     loop {
-        let n = jobs::prune_batch(pool, &statuses, before, BATCH)
-            .await
-            .context("Failed to delete jobs")?;
+        let n = jobs::prune_batch(pool, &statuses, before, BATCH).await.context("Failed to delete jobs")?;
         deleted += n;
         if n < BATCH as u64 {
             break;
         }
     }
-    writeln!(
-        out,
-        "deleted {deleted} job{}",
-        plural(usize::try_from(deleted).unwrap_or(0))
-    )?;
+    writeln!(out, "deleted {deleted} job{}", plural(usize::try_from(deleted).unwrap_or(0)))?;
     Ok(())
 }

@@ -20,11 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "bench",
-    version,
-    about = "Load Conveyor through its HTTP API and report the figures"
-)]
+#[command(name = "bench", version, about = "Load Conveyor through its HTTP API and report the figures")]
 struct Cli {
     /// The API's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
@@ -127,10 +123,7 @@ impl Api {
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_secs(30))
             .build()?;
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            client,
-        })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), client })
     }
 
     /// Submits a noop job; returns the status code and, on 202, the job id.
@@ -146,11 +139,7 @@ impl Api {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let id = if status == 202 {
-                    response
-                        .json::<Value>()
-                        .await
-                        .ok()
-                        .and_then(|job| job["id"].as_str().map(str::to_owned))
+                    response.json::<Value>().await.ok().and_then(|job| job["id"].as_str().map(str::to_owned))
                 } else {
                     None
                 };
@@ -284,9 +273,7 @@ impl WorkerProcesses {
     async fn stop(mut self) {
         for child in &self.children {
             if let Some(pid) = child.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
+                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
             }
         }
         for child in &mut self.children {
@@ -335,10 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
     let api = Rc::new(Api::new(&cli.url, &cli.token)?);
     let (code, _) = api.get("/v1/jobs?limit=1").await;
     if code != 200 {
-        bail!(
-            "{} does not answer GET /v1/jobs with 200 (got {code}); is it up, and is the token right?",
-            cli.url
-        );
+        bail!("{} does not answer GET /v1/jobs with 200 (got {code}); is it up, and is the token right?", cli.url);
     }
     let api_process: Vec<(String, u32)> = cli.api_pid.map(|pid| ("api_mib".to_owned(), pid)).into_iter().collect();
     let report = match cli.mode {
@@ -472,11 +456,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
         }
         Mode::Poll(poll) => {
             let (_, page) = api.get("/v1/jobs?status=succeeded&limit=1").await;
-            let Some(id) = page
-                .as_ref()
-                .and_then(|p| p["jobs"][0]["id"].as_str())
-                .map(str::to_owned)
-            else {
+            let Some(id) = page.as_ref().and_then(|p| p["jobs"][0]["id"].as_str()).map(str::to_owned) else {
                 bail!("poll needs a finished job of this tenant: run e2e or drain first");
             };
             let job_path = format!("/v1/jobs/{id}");

@@ -78,10 +78,7 @@ pub struct AuthSettings {
 impl std::fmt::Debug for AuthSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthSettings")
-            .field(
-                "jwt_hs256_secret",
-                &if self.jwt_hs256_secret.is_empty() { "" } else { "***" },
-            )
+            .field("jwt_hs256_secret", &if self.jwt_hs256_secret.is_empty() { "" } else { "***" })
             .field("jwt_rs256_public_key_file", &self.jwt_rs256_public_key_file)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
@@ -112,10 +109,7 @@ pub struct QueueSettings {
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self {
-            max_depth: 1_000_000,
-            weight: 1,
-        }
+        Self { max_depth: 1_000_000, weight: 1 }
     }
 }
 
@@ -169,11 +163,8 @@ impl Settings {
             }
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
-        let env: config::Map<String, String> = vars
-            .iter()
-            .filter(|(key, _)| key.starts_with("CONVEYOR__"))
-            .cloned()
-            .collect();
+        let env: config::Map<String, String> =
+            vars.iter().filter(|(key, _)| key.starts_with("CONVEYOR__")).cloned().collect();
         builder = builder.add_source(
             config::Environment::with_prefix("CONVEYOR")
                 .prefix_separator("__")
@@ -186,15 +177,12 @@ impl Settings {
         // The conventional names win over everything, as in most twelve-factor tools.
         for (alias, key) in [("DATABASE_URL", "database.url"), ("AMQP_URL", "amqp.url")] {
             if let Some((_, value)) = vars.iter().find(|(name, _)| name == alias) {
-                builder = builder
-                    .set_override(key, value.as_str())
-                    .map_err(|e| ConfigError(format!("{alias}: {e}")))?;
+                builder =
+                    builder.set_override(key, value.as_str()).map_err(|e| ConfigError(format!("{alias}: {e}")))?;
             }
         }
-        let settings: Settings = builder
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| ConfigError(e.to_string()))?;
+        let settings: Settings =
+            builder.build().and_then(config::Config::try_deserialize).map_err(|e| ConfigError(e.to_string()))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -204,64 +192,40 @@ impl Settings {
         fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), ConfigError> {
             if ok { Ok(()) } else { Err(ConfigError(msg())) }
         }
-        check(self.database.url.starts_with("postgres"), || {
-            "database.url must be a postgres:// URL".into()
-        })?;
-        check(self.database.max_connections >= 1, || {
-            "database.max_connections must be at least 1".into()
-        })?;
-        check(self.database.acquire_timeout_ms >= 1, || {
-            "database.acquire_timeout_ms must be at least 1".into()
-        })?;
-        check(self.amqp.url.starts_with("amqp"), || {
-            "amqp.url must be an amqp:// URL".into()
-        })?;
+        check(self.database.url.starts_with("postgres"), || "database.url must be a postgres:// URL".into())?;
+        check(self.database.max_connections >= 1, || "database.max_connections must be at least 1".into())?;
+        check(self.database.acquire_timeout_ms >= 1, || "database.acquire_timeout_ms must be at least 1".into())?;
+        check(self.amqp.url.starts_with("amqp"), || "amqp.url must be an amqp:// URL".into())?;
         check(is_name(&self.amqp.namespace), || {
             format!("amqp.namespace {:?} must be 1-64 of [a-zA-Z0-9_-]", self.amqp.namespace)
         })?;
-        check(self.amqp.confirm_timeout_ms >= 1, || {
-            "amqp.confirm_timeout_ms must be at least 1".into()
+        check(self.amqp.confirm_timeout_ms >= 1, || "amqp.confirm_timeout_ms must be at least 1".into())?;
+        check(self.http.body_limit_bytes >= 1024, || "http.body_limit_bytes must be at least 1024".into())?;
+        check(self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32, || {
+            "auth.jwt_hs256_secret must be at least 32 bytes (or empty to turn HS256 off)".into()
         })?;
-        check(self.http.body_limit_bytes >= 1024, || {
-            "http.body_limit_bytes must be at least 1024".into()
-        })?;
-        check(
-            self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32,
-            || "auth.jwt_hs256_secret must be at least 32 bytes (or empty to turn HS256 off)".into(),
-        )?;
         check(self.auth.key_cache_ttl_ms <= 60_000, || {
             "auth.key_cache_ttl_ms must be at most 60000: it bounds how long a revoked key still works".into()
         })?;
         let jobs = &self.jobs;
-        check(jobs.max_attempts_limit >= 1, || {
-            "jobs.max_attempts_limit must be at least 1".into()
+        check(jobs.max_attempts_limit >= 1, || "jobs.max_attempts_limit must be at least 1".into())?;
+        check(jobs.timeout_seconds_limit >= 1, || "jobs.timeout_seconds_limit must be at least 1".into())?;
+        check((1..=jobs.max_attempts_limit).contains(&jobs.default_max_attempts), || {
+            "jobs.default_max_attempts must be between 1 and jobs.max_attempts_limit".into()
         })?;
-        check(jobs.timeout_seconds_limit >= 1, || {
-            "jobs.timeout_seconds_limit must be at least 1".into()
+        check((1..=jobs.timeout_seconds_limit).contains(&jobs.default_timeout_seconds), || {
+            "jobs.default_timeout_seconds must be between 1 and jobs.timeout_seconds_limit".into()
         })?;
-        check(
-            (1..=jobs.max_attempts_limit).contains(&jobs.default_max_attempts),
-            || "jobs.default_max_attempts must be between 1 and jobs.max_attempts_limit".into(),
-        )?;
-        check(
-            (1..=jobs.timeout_seconds_limit).contains(&jobs.default_timeout_seconds),
-            || "jobs.default_timeout_seconds must be between 1 and jobs.timeout_seconds_limit".into(),
-        )?;
-        check(
-            jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms,
-            || "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into(),
-        )?;
+        check(jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms, || {
+            "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into()
+        })?;
         check(!self.queues.is_empty(), || "queues must name at least one queue".into())?;
         for (name, queue) in &self.queues {
-            check(is_name(name), || {
-                format!("queues.{name}: a queue name must be 1-64 of [a-zA-Z0-9_-]")
-            })?;
+            check(is_name(name), || format!("queues.{name}: a queue name must be 1-64 of [a-zA-Z0-9_-]"))?;
             check(queue.weight >= 1, || format!("queues.{name}.weight must be at least 1"))?;
         }
         self.check_worker_queues(&self.worker.queues)?;
-        check(self.worker.concurrency >= 1, || {
-            "worker.concurrency must be at least 1".into()
-        })?;
+        check(self.worker.concurrency >= 1, || "worker.concurrency must be at least 1".into())?;
         Ok(())
     }
 
@@ -352,10 +316,7 @@ mod tests {
         assert_eq!(s.http.port, 9999);
         assert_eq!(s.worker.queues, ["critical", "default"]);
         assert_eq!(s.queues["critical"].weight, 3);
-        assert_eq!(
-            s.queues["critical"].max_depth, 1_000_000,
-            "left-out keys take their defaults"
-        );
+        assert_eq!(s.queues["critical"].max_depth, 1_000_000, "left-out keys take their defaults");
         assert_eq!(s.database.url, "postgres://u@h/db");
         assert_eq!(s.amqp.url, "amqp://h:5672/v");
     }
@@ -381,11 +342,7 @@ mod tests {
             match value.into_table() {
                 Ok(table) => {
                     for (key, value) in table {
-                        let path = if prefix.is_empty() {
-                            key
-                        } else {
-                            format!("{prefix}.{key}")
-                        };
+                        let path = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
                         walk(&path, value, out);
                     }
                 }
@@ -409,18 +366,14 @@ mod tests {
         assert!(keys.len() > 15, "{keys:?}");
         for key in keys {
             let documented = key.replacen("queues.default.", "queues.<name>.", 1);
-            assert!(
-                readme.contains(&format!("| `{documented}` |")),
-                "README lacks a row for {documented}"
-            );
+            assert!(readme.contains(&format!("| `{documented}` |")), "README lacks a row for {documented}");
         }
     }
 
     #[test]
     fn a_missing_config_file_is_an_error() {
-        let err = Settings::from_layers(Some(Path::new("/nonexistent/conveyor.toml")), &[])
-            .err()
-            .map(|e| e.to_string());
+        let err =
+            Settings::from_layers(Some(Path::new("/nonexistent/conveyor.toml")), &[]).err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("/nonexistent/conveyor.toml")));
     }
 }

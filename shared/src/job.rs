@@ -32,15 +32,8 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 7] = [
-        Self::Scheduled,
-        Self::Queued,
-        Self::Running,
-        Self::Retrying,
-        Self::Succeeded,
-        Self::Failed,
-        Self::Cancelled,
-    ];
+    pub const ALL: [JobStatus; 7] =
+        [Self::Scheduled, Self::Queued, Self::Running, Self::Retrying, Self::Succeeded, Self::Failed, Self::Cancelled];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -74,10 +67,7 @@ impl FromStr for JobStatus {
     type Err = UnknownStatus;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_owned()))
+        Self::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| UnknownStatus(s.to_owned()))
     }
 }
 
@@ -203,8 +193,7 @@ pub fn retry_delay(attempt: i32, base: Duration, cap: Duration) -> Duration {
 /// The upper bound of [`retry_delay`] for `attempt`.
 pub fn retry_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
     let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0);
-    2u32.checked_pow(doublings)
-        .map_or(cap, |factor| base.saturating_mul(factor).min(cap))
+    2u32.checked_pow(doublings).map_or(cap, |factor| base.saturating_mul(factor).min(cap))
 }
 
 #[cfg(test)]
@@ -232,10 +221,7 @@ mod tests {
         assert_eq!(retry_ceiling(1000, base, cap), Duration::from_secs(3600));
         for attempt in 1..20 {
             let delay = retry_delay(attempt, base, cap);
-            assert!(
-                delay <= retry_ceiling(attempt, base, cap),
-                "attempt {attempt}: {delay:?}"
-            );
+            assert!(delay <= retry_ceiling(attempt, base, cap), "attempt {attempt}: {delay:?}");
         }
     }
 
@@ -251,9 +237,6 @@ mod tests {
     #[test]
     fn only_succeeded_failed_and_cancelled_are_terminal() {
         let terminal: Vec<_> = JobStatus::ALL.into_iter().filter(|s| s.is_terminal()).collect();
-        assert_eq!(
-            terminal,
-            [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled]
-        );
+        assert_eq!(terminal, [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled]);
     }
 }

@@ -24,10 +24,7 @@ pub struct AmqpNamespace {
 impl AmqpNamespace {
     pub fn new(queues: &[&str]) -> Self {
         let name = format!("test-{}", uuid::Uuid::now_v7().simple());
-        Self {
-            name,
-            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
-        }
+        Self { name, queues: queues.iter().map(|q| (*q).to_owned()).collect() }
     }
 }
 
@@ -58,9 +55,7 @@ impl Drop for AmqpNamespace {
                 for queue in queues {
                     let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
                 }
-                let _ = channel
-                    .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                    .await;
+                let _ = channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
                 let _ = connection.close(200, "bye".into()).await;
             });
         });
@@ -92,11 +87,8 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
 
 /// A short-lived connection and channel to the test broker, for looking at queues.
 async fn channel() -> lapin::Channel {
-    let settings = crate::config::AmqpSettings {
-        url: amqp_url(),
-        namespace: "inspect".to_owned(),
-        confirm_timeout_ms: 5000,
-    };
+    let settings =
+        crate::config::AmqpSettings { url: amqp_url(), namespace: "inspect".to_owned(), confirm_timeout_ms: 5000 };
     let connection = match rabbitmq::connect(&settings, "conveyor-test-inspect").await {
         Ok(connection) => connection,
         Err(e) => panic!("tests need RabbitMQ at {}: {e}", amqp_url()),
@@ -119,15 +111,8 @@ impl AmqpNamespace {
     }
 
     async fn depth_of(&self, rabbit_queue: &str) -> u32 {
-        let options = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        match channel()
-            .await
-            .queue_declare(rabbit_queue.into(), options, Default::default())
-            .await
-        {
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        match channel().await.queue_declare(rabbit_queue.into(), options, Default::default()).await {
             Ok(queue) => queue.message_count(),
             Err(e) => panic!("queue {rabbit_queue} does not exist: {e}"),
         }
@@ -150,13 +135,7 @@ impl AmqpNamespace {
             channel.confirm_select(Default::default()).await?;
             let rabbit_queue = Names::new(&self.name).queue(queue);
             channel
-                .basic_publish(
-                    "".into(),
-                    rabbit_queue.into(),
-                    Default::default(),
-                    body,
-                    Default::default(),
-                )
+                .basic_publish("".into(), rabbit_queue.into(), Default::default(), body, Default::default())
                 .await?
                 .await
         };
@@ -204,12 +183,7 @@ impl Proxy {
                 }
             }
         });
-        Self {
-            port,
-            cut,
-            live,
-            accept,
-        }
+        Self { port, cut, live, accept }
     }
 
     /// Severs every connection through the proxy and refuses new ones.

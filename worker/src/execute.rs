@@ -119,9 +119,7 @@ impl Executor {
         if let Ok(running) = self.running.lock()
             && let Some(job) = running.get(&id)
         {
-            let _ = job
-                .stop
-                .compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
+            let _ = job.stop.compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
             job.cancel.cancel();
         }
     }
@@ -133,11 +131,7 @@ impl Executor {
 
     /// Tells every running handler to stop so that its job can be handed back.
     pub fn stop_all(&self) {
-        let ids: Vec<Uuid> = self
-            .running
-            .lock()
-            .map(|r| r.keys().copied().collect())
-            .unwrap_or_default();
+        let ids: Vec<Uuid> = self.running.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
         for id in ids {
             self.stop(id, Stop::Shutdown);
         }
@@ -147,13 +141,7 @@ impl Executor {
     /// that were cancelled meanwhile or whose lease is gone.
     pub async fn renew_leases(&self) -> sqlx::Result<()> {
         let leases: Vec<Lease> = match self.running.lock() {
-            Ok(running) => running
-                .iter()
-                .map(|(id, job)| Lease {
-                    id: *id,
-                    token: job.token,
-                })
-                .collect(),
+            Ok(running) => running.iter().map(|(id, job)| Lease { id: *id, token: job.token }).collect(),
             Err(_) => return Ok(()),
         };
         if leases.is_empty() {
@@ -236,21 +224,11 @@ impl Executor {
 
     async fn execute(&self, job: Claimed) {
         let started = std::time::Instant::now();
-        let lease = Lease {
-            id: job.id,
-            token: job.lease_token,
-        };
+        let lease = Lease { id: job.id, token: job.lease_token };
         let cancel = CancellationToken::new();
         let stop = Arc::new(AtomicU8::new(0));
         if let Ok(mut running) = self.running.lock() {
-            running.insert(
-                job.id,
-                Running {
-                    token: job.lease_token,
-                    cancel: cancel.clone(),
-                    stop: stop.clone(),
-                },
-            );
+            running.insert(job.id, Running { token: job.lease_token, cancel: cancel.clone(), stop: stop.clone() });
         }
         let ran = match kinds::find(&job.kind) {
             Some(kind) => self.run_handler(kind, &job, lease, cancel).await,
@@ -348,11 +326,7 @@ impl Executor {
     }
 
     fn after(&self, job: &Claimed, ran: Ran, stop: Option<Stop>) -> After {
-        let failure = |kind: FailureKind, message: String| JobFailure {
-            message,
-            kind,
-            attempt: job.attempt,
-        };
+        let failure = |kind: FailureKind, message: String| JobFailure { message, kind, attempt: job.attempt };
         // A handler that finished its work before it noticed a stop keeps its result.
         let ran = match (ran, stop) {
             (Ran::Returned(Ok(result)), _) => return After::Finish(Outcome::Succeeded(result)),
@@ -368,17 +342,13 @@ impl Executor {
             Ran::Returned(Ok(result)) => return After::Finish(Outcome::Succeeded(result)),
             // Only a stop makes a handler return Cancelled; without one, it is a bug
             // in the handler, and retrying is the safe reading.
-            Ran::Returned(Err(JobError::Cancelled)) => (
-                FailureKind::Retryable,
-                "the handler stopped without being asked to".to_owned(),
-            ),
+            Ran::Returned(Err(JobError::Cancelled)) => {
+                (FailureKind::Retryable, "the handler stopped without being asked to".to_owned())
+            }
             Ran::Returned(Err(JobError::Retryable(message))) => (FailureKind::Retryable, message),
             Ran::Returned(Err(JobError::Permanent(message))) => (FailureKind::Permanent, message),
             Ran::Panicked(message) => (FailureKind::Panic, format!("handler panicked: {message}")),
-            Ran::TimedOut => (
-                FailureKind::Timeout,
-                format!("timed out after {} s", job.timeout_seconds),
-            ),
+            Ran::TimedOut => (FailureKind::Timeout, format!("timed out after {} s", job.timeout_seconds)),
         };
         let error = failure(kind, message);
         if kind.is_retryable() && job.attempt < job.max_attempts {
@@ -393,10 +363,7 @@ impl Executor {
 
 /// Nacks a delivery: back to its queue (`requeue`) or to the dead-letter queue.
 async fn reject(delivery: &Delivery, requeue: bool) {
-    let options = BasicNackOptions {
-        requeue,
-        ..BasicNackOptions::default()
-    };
+    let options = BasicNackOptions { requeue, ..BasicNackOptions::default() };
     if let Err(e) = delivery.acker.nack(options).await {
         tracing::warn!(error = %e, requeue, "could not reject a message");
     }
@@ -405,8 +372,6 @@ async fn reject(delivery: &Delivery, requeue: bool) {
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     match panic.downcast::<String>() {
         Ok(message) => *message,
-        Err(panic) => panic
-            .downcast_ref::<&str>()
-            .map_or_else(|| "non-string panic".to_owned(), |s| (*s).to_owned()),
+        Err(panic) => panic.downcast_ref::<&str>().map_or_else(|| "non-string panic".to_owned(), |s| (*s).to_owned()),
     }
 }

@@ -60,10 +60,8 @@ impl Reconciler {
                         // The session (and its lock) may still be alive: never return it to the pool.
                         connection.close_on_drop();
                     } else {
-                        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                            .bind(LOCK_KEY)
-                            .execute(&mut *connection)
-                            .await;
+                        let _ =
+                            sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut *connection).await;
                         return;
                     }
                 }
@@ -79,10 +77,8 @@ impl Reconciler {
 
     async fn try_lock(&self) -> sqlx::Result<Option<PoolConnection<Postgres>>> {
         let mut connection = self.pool.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut *connection)
-            .await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut *connection).await?;
         Ok(locked.then_some(connection))
     }
 
@@ -119,10 +115,7 @@ impl Reconciler {
         }
         let unpublished = jobs::unpublished(&mut **connection, self.outbox_grace_seconds, BATCH).await?;
         if !unpublished.is_empty() {
-            tracing::info!(
-                count = unpublished.len(),
-                "republishing jobs whose publish was never confirmed"
-            );
+            tracing::info!(count = unpublished.len(), "republishing jobs whose publish was never confirmed");
             outbox::publish(&self.publisher, &self.pool, unpublished).await?;
         }
         Ok(())

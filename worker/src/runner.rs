@@ -40,10 +40,7 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn from_settings(settings: &Settings) -> Self {
-        Self {
-            queues: settings.worker.queues.clone(),
-            concurrency: settings.worker.concurrency,
-        }
+        Self { queues: settings.worker.queues.clone(), concurrency: settings.worker.concurrency }
     }
 }
 
@@ -65,12 +62,7 @@ impl Worker {
     pub fn new(settings: Settings, pool: PgPool, config: WorkerConfig) -> anyhow::Result<Self> {
         settings.check_worker_queues(&config.queues)?;
         anyhow::ensure!(config.concurrency >= 1, "concurrency must be at least 1");
-        Ok(Self {
-            id: Uuid::now_v7(),
-            settings,
-            pool,
-            config,
-        })
+        Ok(Self { id: Uuid::now_v7(), settings, pool, config })
     }
 
     pub fn id(&self) -> Uuid {
@@ -82,11 +74,7 @@ impl Worker {
     /// closes its channel so that prefetched messages go back to their queues.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let name = format!("conveyor-worker-{}", self.id);
-        let publisher = Publisher::new(
-            &self.settings.amqp,
-            self.settings.queues.keys().cloned().collect(),
-            &name,
-        );
+        let publisher = Publisher::new(&self.settings.amqp, self.settings.queues.keys().cloned().collect(), &name);
         let executor = Arc::new(Executor::new(
             self.id,
             self.pool.clone(),
@@ -108,11 +96,7 @@ impl Worker {
             executor.clone(),
             background_stop.clone(),
         ));
-        background.spawn(listen_for_cancels(
-            self.pool.clone(),
-            executor.clone(),
-            background_stop.clone(),
-        ));
+        background.spawn(listen_for_cancels(self.pool.clone(), executor.clone(), background_stop.clone()));
         let reconciler = Reconciler::new(self.pool.clone(), publisher, &self.settings.worker);
         background.spawn(reconciler.run(shutdown.child_token()));
         tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
@@ -196,11 +180,7 @@ impl Worker {
         let _ = channel.close(200, "worker stopping".into()).await;
         let _ = connection.close(200, "worker stopping".into()).await;
         loops.wait().await;
-        if failed {
-            anyhow::bail!("a consumer stopped")
-        } else {
-            Ok(())
-        }
+        if failed { anyhow::bail!("a consumer stopped") } else { Ok(()) }
     }
 }
 
@@ -288,10 +268,9 @@ async fn listen_for_cancels(pool: PgPool, executor: Arc<Executor>, stop: Cancell
                 let notification = listener.recv().await?;
                 match notification.payload().parse::<Uuid>() {
                     Ok(id) => executor.cancel(id),
-                    Err(_) => tracing::debug!(
-                        payload = notification.payload(),
-                        "ignoring a malformed cancel notification"
-                    ),
+                    Err(_) => {
+                        tracing::debug!(payload = notification.payload(), "ignoring a malformed cancel notification")
+                    }
                 }
             }
             #[allow(unreachable_code)]

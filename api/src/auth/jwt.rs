@@ -48,9 +48,7 @@ impl Verifier {
             let pem = std::fs::read(path)
                 .map_err(|e| ConfigError::new(format!("auth.jwt_rs256_public_key_file: cannot read {path}: {e}")))?;
             let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                ConfigError::new(format!(
-                    "auth.jwt_rs256_public_key_file: {path} is not an RSA public key in PEM: {e}"
-                ))
+                ConfigError::new(format!("auth.jwt_rs256_public_key_file: {path} is not an RSA public key in PEM: {e}"))
             })?;
             keys.push((Algorithm::RS256, key, validation(Algorithm::RS256, settings)));
         }
@@ -70,18 +68,12 @@ impl Verifier {
         // Only the configured algorithms, each with its own key: a token cannot
         // pick HS256 and have the RSA public key used as its HMAC secret.
         let Some((_, key, validation)) = self.keys.iter().find(|(alg, _, _)| *alg == header.alg) else {
-            return Err(ApiError::Unauthorized(format!(
-                "JWTs signed with {:?} are not accepted",
-                header.alg
-            )));
+            return Err(ApiError::Unauthorized(format!("JWTs signed with {:?} are not accepted", header.alg)));
         };
         let claims = decode::<Claims>(token, key, validation).map_err(invalid)?.claims;
         if claims.sub.is_empty() {
             return Err(ApiError::Unauthorized("the JWT has an empty sub (tenant)".into()));
         }
-        Ok(Caller {
-            tenant: claims.sub,
-            scopes: Scopes::lenient(claims.scope.split_whitespace()),
-        })
+        Ok(Caller { tenant: claims.sub, scopes: Scopes::lenient(claims.scope.split_whitespace()) })
     }
 }

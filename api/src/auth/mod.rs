@@ -70,11 +70,7 @@ impl Scopes {
     }
 
     pub fn names(self) -> Vec<&'static str> {
-        Scope::ALL
-            .into_iter()
-            .filter(|s| self.0 & s.bit() != 0)
-            .map(Scope::as_str)
-            .collect()
+        Scope::ALL.into_iter().filter(|s| self.0 & s.bit() != 0).map(Scope::as_str).collect()
     }
 
     /// Parses names, ignoring unknown ones (a JWT may carry scopes of other services).
@@ -103,10 +99,8 @@ impl TryFrom<Vec<String>> for Scopes {
     type Error = UnknownScope;
 
     fn try_from(names: Vec<String>) -> Result<Self, Self::Error> {
-        let scopes: Result<Vec<_>, _> = names
-            .iter()
-            .map(|n| Scope::parse(n).ok_or_else(|| UnknownScope(n.clone())))
-            .collect();
+        let scopes: Result<Vec<_>, _> =
+            names.iter().map(|n| Scope::parse(n).ok_or_else(|| UnknownScope(n.clone()))).collect();
         Ok(Self::of(&scopes?))
     }
 }
@@ -116,12 +110,7 @@ impl std::str::FromStr for Scopes {
 
     /// Comma-separated names, as `api keys create --scopes` takes them.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-            .try_into()
+        s.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect::<Vec<_>>().try_into()
     }
 }
 
@@ -138,10 +127,7 @@ impl Caller {
         if self.scopes.grant(scope) {
             Ok(self)
         } else {
-            Err(ApiError::Forbidden(format!(
-                "this token lacks the {} scope",
-                scope.as_str()
-            )))
+            Err(ApiError::Forbidden(format!("this token lacks the {} scope", scope.as_str())))
         }
     }
 }
@@ -152,10 +138,7 @@ impl FromRequest for Caller {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = req.app_data::<web::Data<AppState>>().cloned();
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().map(str::to_owned));
+        let header = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().map(str::to_owned));
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::Unauthorized("no authenticator".into()))?;
             let token = match header {
@@ -171,9 +154,7 @@ impl FromRequest for Caller {
 fn bearer(value: &str) -> Result<&str, ApiError> {
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
-        _ => Err(ApiError::Unauthorized(
-            "the Authorization header must be `Bearer <token>`".into(),
-        )),
+        _ => Err(ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())),
     }
 }
 
@@ -202,18 +183,15 @@ impl Authenticator {
         if let Some(prefix) = keys::prefix_of(token) {
             let key = self.lookup(pool, prefix).await?;
             return match key {
-                Some(key) if keys::matches(token, &key.secret_hash) => Ok(Caller {
-                    tenant: key.tenant,
-                    scopes: key.scopes,
-                }),
+                Some(key) if keys::matches(token, &key.secret_hash) => {
+                    Ok(Caller { tenant: key.tenant, scopes: key.scopes })
+                }
                 _ => Err(ApiError::Unauthorized("unknown or revoked API key".into())),
             };
         }
         match &self.jwt {
             Some(verifier) if token.matches('.').count() == 2 => verifier.verify(token),
-            Some(_) => Err(ApiError::Unauthorized(
-                "the token is neither an API key nor a JWT".into(),
-            )),
+            Some(_) => Err(ApiError::Unauthorized("the token is neither an API key nor a JWT".into())),
             None => Err(ApiError::Unauthorized("the token is not an API key".into())),
         }
     }

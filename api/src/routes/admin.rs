@@ -38,11 +38,7 @@ pub async fn queues(caller: Caller, state: web::Data<AppState>) -> Result<HttpRe
         if let Err(e) = &stats {
             tracing::warn!(queue = %name, error = %e, "could not read queue stats from RabbitMQ");
         }
-        let jobs = counts
-            .iter()
-            .filter(|(q, _, _)| q == name)
-            .map(|(_, status, n)| (status.clone(), *n))
-            .collect();
+        let jobs = counts.iter().filter(|(q, _, _)| q == name).map(|(_, status, n)| (status.clone(), *n)).collect();
         views.push(QueueView {
             name: name.clone(),
             depth: stats.as_ref().ok().map(|s| s.0),

@@ -19,9 +19,7 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let postgres = tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await;
     let postgres = matches!(postgres, Ok(Ok(_)));
-    let rabbitmq = tokio::time::timeout(PROBE_TIMEOUT, state.publisher.is_ready())
-        .await
-        .unwrap_or(false);
+    let rabbitmq = tokio::time::timeout(PROBE_TIMEOUT, state.publisher.is_ready()).await.unwrap_or(false);
     let word = |up: bool| if up { "up" } else { "down" };
     let body = json!({
         "status": if postgres && rabbitmq { "ready" } else { "unavailable" },
@@ -31,8 +29,6 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if postgres && rabbitmq {
         HttpResponse::Ok().json(body)
     } else {
-        HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(body)
+        HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(body)
     }
 }

@@ -23,9 +23,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
-        web::resource("/v1/jobs/{id}")
-            .route(web::get().to(jobs::get))
-            .default_service(web::to(method_not_allowed)),
+        web::resource("/v1/jobs/{id}").route(web::get().to(jobs::get)).default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/v1/jobs/{id}/cancel")
@@ -77,11 +75,7 @@ impl RequestId {
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.path()
-    )))
+    Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {

@@ -25,24 +25,14 @@ async fn queues_show_depth_consumers_and_jobs_by_status(_: PgPoolOptionsUnused, 
     }
 
     let queues = get(&app, "/v1/queues").await;
-    let default = &queues["queues"]
-        .as_array()
-        .and_then(|q| q.iter().find(|q| q["name"] == "default").cloned());
+    let default = &queues["queues"].as_array().and_then(|q| q.iter().find(|q| q["name"] == "default").cloned());
     let default = default.as_ref().expect("default listed");
     assert_eq!(default["depth"], 3);
     assert_eq!(default["consumers"], 0);
     assert_eq!(default["jobs"], json!({"queued": 3, "scheduled": 2}));
-    assert_eq!(
-        (default["max_depth"].as_u64(), default["weight"].as_u64()),
-        (Some(1_000_000), Some(1))
-    );
-    let critical = queues["queues"]
-        .as_array()
-        .and_then(|q| q.iter().find(|q| q["name"] == "critical").cloned());
-    assert_eq!(
-        critical.map(|c| (c["depth"].clone(), c["jobs"].clone())),
-        Some((json!(0), json!({})))
-    );
+    assert_eq!((default["max_depth"].as_u64(), default["weight"].as_u64()), (Some(1_000_000), Some(1)));
+    let critical = queues["queues"].as_array().and_then(|q| q.iter().find(|q| q["name"] == "critical").cloned());
+    assert_eq!(critical.map(|c| (c["depth"].clone(), c["jobs"].clone())), Some((json!(0), json!({}))));
 
     app.spawn_worker(&["default"], 2);
     let drained = wait_until(Duration::from_secs(20), || async {
@@ -74,12 +64,7 @@ async fn workers_are_listed_while_they_live(_: PgPoolOptionsUnused, connect: PgC
     assert_eq!(worker["queues"], json!(["default", "critical"]));
     assert_eq!(worker["concurrency"], 3);
     assert!(worker["host"].as_str().is_some_and(|h| !h.is_empty()));
-    assert!(
-        worker["id"]
-            .as_str()
-            .and_then(|id| id.parse::<uuid::Uuid>().ok())
-            .is_some()
-    );
+    assert!(worker["id"].as_str().and_then(|id| id.parse::<uuid::Uuid>().ok()).is_some());
     for field in ["started_at", "last_heartbeat_at"] {
         assert!(worker[field].as_str().is_some(), "{field}");
     }

@@ -31,12 +31,7 @@ async fn refused(response: reqwest::Response, status: StatusCode) -> Value {
 }
 
 async fn submit_with(app: &TestApp, client: &reqwest::Client) -> reqwest::Response {
-    client
-        .post(app.url("/v1/jobs"))
-        .json(&json!({"type": "noop"}))
-        .send()
-        .await
-        .expect("sent")
+    client.post(app.url("/v1/jobs")).json(&json!({"type": "noop"})).send().await.expect("sent")
 }
 
 fn jwt(claims: &Value, algorithm: Algorithm, key: &EncodingKey) -> String {
@@ -53,25 +48,10 @@ async fn requests_without_a_valid_token_are_401(_: PgPoolOptionsUnused, connect:
     let anonymous = reqwest::Client::new();
     let url = app.url("/v1/jobs");
 
-    let body = refused(
-        anonymous.get(&url).send().await.expect("sent"),
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
+    let body = refused(anonymous.get(&url).send().await.expect("sent"), StatusCode::UNAUTHORIZED).await;
     assert_eq!(body["type"], "/problems/unauthorized");
-    for header in [
-        "Basic dXNlcjpwdw==",
-        "Bearer",
-        "Bearer cvk_nope",
-        "Bearer not.a.jwt",
-        "token",
-    ] {
-        let response = anonymous
-            .get(&url)
-            .header("Authorization", header)
-            .send()
-            .await
-            .expect("sent");
+    for header in ["Basic dXNlcjpwdw==", "Bearer", "Bearer cvk_nope", "Bearer not.a.jwt", "token"] {
+        let response = anonymous.get(&url).header("Authorization", header).send().await.expect("sent");
         refused(response, StatusCode::UNAUTHORIZED).await;
     }
     // A well-formed key that does not exist.
@@ -79,26 +59,14 @@ async fn requests_without_a_valid_token_are_401(_: PgPoolOptionsUnused, connect:
     refused(submit_with(&app, &client_with(&forged)).await, StatusCode::UNAUTHORIZED).await;
     // A real key's prefix with another secret.
     let real = key(&app.pool, "default", &[Scope::JobsWrite]).await;
-    let tampered = format!(
-        "{}{}",
-        &real[..real.len() - 1],
-        if real.ends_with('0') { '1' } else { '0' }
-    );
-    refused(
-        submit_with(&app, &client_with(&tampered)).await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
+    let tampered = format!("{}{}", &real[..real.len() - 1], if real.ends_with('0') { '1' } else { '0' });
+    refused(submit_with(&app, &client_with(&tampered)).await, StatusCode::UNAUTHORIZED).await;
     // Auth comes before reading the body: a bad body without a token is still 401.
     let response = anonymous.post(&url).body("{").send().await.expect("sent");
     refused(response, StatusCode::UNAUTHORIZED).await;
     // Probes stay open.
     for probe in ["/healthz", "/readyz"] {
-        assert_eq!(
-            anonymous.get(app.url(probe)).send().await.expect("sent").status(),
-            200,
-            "{probe}"
-        );
+        assert_eq!(anonymous.get(app.url(probe)).send().await.expect("sent").status(), 200, "{probe}");
     }
     assert_eq!(app.job_count().await, 0);
     app.stop().await;
@@ -113,47 +81,21 @@ async fn a_read_only_key_reads_but_cannot_submit(_: PgPoolOptionsUnused, connect
 
     let body = refused(submit_with(&app, &reader).await, StatusCode::FORBIDDEN).await;
     assert_eq!(body["type"], "/problems/forbidden");
-    assert!(
-        body["detail"].as_str().is_some_and(|d| d.contains("jobs:write")),
-        "{body}"
-    );
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("jobs:write")), "{body}");
     assert_eq!(app.job_count().await, 1, "the refused submission wrote nothing");
-    let read = reader
-        .get(app.url(&format!("/v1/jobs/{}", job.id)))
-        .send()
-        .await
-        .expect("sent");
+    let read = reader.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent");
     assert_eq!(read.status(), 200);
-    assert_eq!(
-        reader.get(app.url("/v1/jobs")).send().await.expect("sent").status(),
-        200
-    );
+    assert_eq!(reader.get(app.url("/v1/jobs")).send().await.expect("sent").status(), 200);
     // Write does not imply read; only admin grants everything.
-    let read = writer
-        .get(app.url(&format!("/v1/jobs/{}", job.id)))
-        .send()
-        .await
-        .expect("sent");
+    let read = writer.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent");
     refused(read, StatusCode::FORBIDDEN).await;
     assert_eq!(submit_with(&app, &writer).await.status(), 202);
     // Admin routes need admin.
     for path in ["/v1/queues", "/v1/workers"] {
-        refused(
-            reader.get(app.url(path)).send().await.expect("sent"),
-            StatusCode::FORBIDDEN,
-        )
-        .await;
-        assert_eq!(
-            app.client.get(app.url(path)).send().await.expect("sent").status(),
-            200,
-            "{path}"
-        );
+        refused(reader.get(app.url(path)).send().await.expect("sent"), StatusCode::FORBIDDEN).await;
+        assert_eq!(app.client.get(app.url(path)).send().await.expect("sent").status(), 200, "{path}");
     }
-    let requeue = writer
-        .post(app.url(&format!("/v1/jobs/{}/requeue", job.id)))
-        .send()
-        .await
-        .expect("sent");
+    let requeue = writer.post(app.url(&format!("/v1/jobs/{}/requeue", job.id))).send().await.expect("sent");
     refused(requeue, StatusCode::FORBIDDEN).await;
     app.stop().await;
 }
@@ -191,11 +133,7 @@ async fn a_revoked_key_is_refused_within_the_cache_ttl(_: PgPoolOptionsUnused, c
             client.get(url).send().await.expect("sent").status() == 401
         })
         .await;
-        assert!(
-            refused_now,
-            "{url} still accepted the key {:?} after revocation",
-            revoked_at.elapsed()
-        );
+        assert!(refused_now, "{url} still accepted the key {:?} after revocation", revoked_at.elapsed());
     }
     replica_handle.stop(true).await;
     app.stop().await;
@@ -229,25 +167,15 @@ async fn jwts_are_checked_for_signature_expiry_and_algorithm(_: PgPoolOptionsUnu
         (jwt(&good, Algorithm::RS256, &other_rs), "signature"),
         (jwt(&expired, Algorithm::HS256, &hs), "expired"),
         (jwt(&no_exp, Algorithm::HS256, &hs), "exp"),
-        (
-            jwt(&good, Algorithm::HS384, &EncodingKey::from_secret(SECRET.as_bytes())),
-            "not accepted",
-        ),
+        (jwt(&good, Algorithm::HS384, &EncodingKey::from_secret(SECRET.as_bytes())), "not accepted"),
     ];
     for (token, reason) in cases {
         let body = refused(submit_with(&app, &client_with(&token)).await, StatusCode::UNAUTHORIZED).await;
-        assert!(
-            body["detail"].as_str().is_some_and(|d| d.contains(reason)),
-            "{reason}: {body}"
-        );
+        assert!(body["detail"].as_str().is_some_and(|d| d.contains(reason)), "{reason}: {body}");
     }
     // A valid JWT without the scope is 403.
     let reader = json!({"sub": "acme", "scope": "jobs:read", "exp": in_an_hour()});
-    refused(
-        submit_with(&app, &client_with(&jwt(&reader, Algorithm::HS256, &hs))).await,
-        StatusCode::FORBIDDEN,
-    )
-    .await;
+    refused(submit_with(&app, &client_with(&jwt(&reader, Algorithm::HS256, &hs))).await, StatusCode::FORBIDDEN).await;
     assert_eq!(app.job_count().await, 2);
     app.stop().await;
 }
@@ -266,21 +194,12 @@ async fn another_tenants_job_is_not_found_anywhere(_: PgPoolOptionsUnused, conne
     let app = spawn_app(connect).await;
     let a = client_with(&key(&app.pool, "tenant-a", &[Scope::Admin]).await);
     let b = client_with(&key(&app.pool, "tenant-b", &[Scope::Admin]).await);
-    let response = a
-        .post(app.url("/v1/jobs"))
-        .json(&json!({"type": "noop"}))
-        .send()
-        .await
-        .expect("sent");
+    let response = a.post(app.url("/v1/jobs")).json(&json!({"type": "noop"})).send().await.expect("sent");
     let job: Value = response.json().await.expect("job");
     assert_eq!(job["tenant"], "tenant-a");
     let id = job["id"].as_str().expect("id");
     // Make it cancelled, so that requeue would otherwise be allowed.
-    let cancel = a
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent");
+    let cancel = a.post(app.url(&format!("/v1/jobs/{id}/cancel"))).send().await.expect("sent");
     assert_eq!(cancel.status(), 200);
 
     let unknown = uuid::Uuid::now_v7();
@@ -304,10 +223,7 @@ async fn another_tenants_job_is_not_found_anywhere(_: PgPoolOptionsUnused, conne
     };
     assert_eq!(listed(b).await, 0, "B's list does not show A's job");
     assert_eq!(listed(a).await, 1);
-    let status: String = sqlx::query_scalar("SELECT status FROM jobs")
-        .fetch_one(&app.pool)
-        .await
-        .expect("row");
+    let status: String = sqlx::query_scalar("SELECT status FROM jobs").fetch_one(&app.pool).await.expect("row");
     assert_eq!(status, "cancelled", "tenant B's requests changed nothing");
     app.stop().await;
 }

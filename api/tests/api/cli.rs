@@ -57,9 +57,7 @@ async fn an_operator_requeues_a_failed_webhook_after_the_endpoint_is_fixed(
     let endpoint = Endpoint::start(400).await;
 
     // The endpoint refuses the delivery: 4xx is permanent, the job fails.
-    let job = app
-        .submit_ok(&json!({"type": "http", "payload": {"url": format!("{}/hook", endpoint.url)}}))
-        .await;
+    let job = app.submit_ok(&json!({"type": "http", "payload": {"url": format!("{}/hook", endpoint.url)}})).await;
     let failed = app.wait_terminal(job.id).await;
     assert_eq!(failed.status, JobStatus::Failed);
     let error = failed.error.clone().expect("error");
@@ -79,11 +77,7 @@ async fn an_operator_requeues_a_failed_webhook_after_the_endpoint_is_fixed(
     assert_eq!(stdout(&requeued), "requeued 1 job\n");
     let done = app.wait_terminal(job.id).await;
     assert_eq!(done.status, JobStatus::Succeeded);
-    assert_eq!(
-        (done.attempt, done.requeue_count),
-        (1, 1),
-        "attempts restarted, requeue counted"
-    );
+    assert_eq!((done.attempt, done.requeue_count), (1, 1), "attempts restarted, requeue counted");
     assert_eq!(done.error, Some(error), "the previous error is kept");
     assert_eq!(endpoint.received().len(), 2);
 
@@ -114,23 +108,13 @@ async fn bulk_requeue_takes_only_matching_jobs(_: PgPoolOptionsUnused, connect: 
         assert_eq!(app.wait_terminal(*id).await.status, JobStatus::Failed);
     }
 
-    let dry = api(
-        &app,
-        &["requeue", "--status", "failed", "--type", "fail", "--dry-run", "--json"],
-    )
-    .await;
+    let dry = api(&app, &["requeue", "--status", "failed", "--type", "fail", "--dry-run", "--json"]).await;
     assert!(dry.status.success(), "{}", stderr(&dry));
     let dry: Value = serde_json::from_str(&stdout(&dry)).expect("json");
     assert_eq!(dry["would_requeue"], 3);
     assert_eq!(app.count_in(JobStatus::Failed).await, 4, "a dry run changes nothing");
 
-    let bulk = api(
-        &app,
-        &[
-            "requeue", "--status", "failed", "--type", "fail", "--queue", "default", "--json",
-        ],
-    )
-    .await;
+    let bulk = api(&app, &["requeue", "--status", "failed", "--type", "fail", "--queue", "default", "--json"]).await;
     assert!(bulk.status.success(), "{}", stderr(&bulk));
     let bulk: Value = serde_json::from_str(&stdout(&bulk)).expect("json");
     assert_eq!(bulk["requeued"], 2);
@@ -142,38 +126,17 @@ async fn bulk_requeue_takes_only_matching_jobs(_: PgPoolOptionsUnused, connect: 
     assert_eq!(bulk["unpublished"], json!([]));
     // They ran again (and, being `fail` jobs, failed again on their new first attempt).
     for id in &fails[..2] {
-        let again = app
-            .wait_for(*id, Duration::from_secs(30), |j| {
-                j.requeue_count == 1 && j.status.is_terminal()
-            })
-            .await;
+        let again =
+            app.wait_for(*id, Duration::from_secs(30), |j| j.requeue_count == 1 && j.status.is_terminal()).await;
         assert_eq!((again.status, again.attempt), (JobStatus::Failed, 1));
     }
-    assert_eq!(
-        status_of(&app, fails[2]).await,
-        JobStatus::Failed,
-        "other queue untouched"
-    );
-    assert_eq!(
-        status_of(&app, hash_fail).await,
-        JobStatus::Failed,
-        "other type untouched"
-    );
+    assert_eq!(status_of(&app, fails[2]).await, JobStatus::Failed, "other queue untouched");
+    assert_eq!(status_of(&app, hash_fail).await, JobStatus::Failed, "other type untouched");
 
-    let limited = api(
-        &app,
-        &["requeue", "--status", "failed", "--limit", "1", "--since", "1h"],
-    )
-    .await;
+    let limited = api(&app, &["requeue", "--status", "failed", "--limit", "1", "--since", "1h"]).await;
     assert_eq!(stdout(&limited), "requeued 1 job\n");
-    fails_with(
-        &api(&app, &["requeue", "--status", "running"]).await,
-        "only failed or cancelled",
-    );
-    fails_with(
-        &api(&app, &["requeue", "--status", "failed", "--since", "soon"]).await,
-        "soon",
-    );
+    fails_with(&api(&app, &["requeue", "--status", "running"]).await, "only failed or cancelled");
+    fails_with(&api(&app, &["requeue", "--status", "failed", "--since", "soon"]).await, "soon");
     app.stop().await;
 }
 
@@ -181,55 +144,25 @@ async fn bulk_requeue_takes_only_matching_jobs(_: PgPoolOptionsUnused, connect: 
 async fn keys_are_created_listed_and_revoked_from_the_cli(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
 
-    let created = api(
-        &app,
-        &[
-            "keys",
-            "create",
-            "--tenant",
-            "acme",
-            "--name",
-            "ci",
-            "--scopes",
-            "jobs:read",
-        ],
-    )
-    .await;
+    let created = api(&app, &["keys", "create", "--tenant", "acme", "--name", "ci", "--scopes", "jobs:read"]).await;
     assert!(created.status.success(), "{}", stderr(&created));
     let out = stdout(&created);
     assert_eq!(out.lines().count(), 1, "the token alone: {out:?}");
     let token = out.trim();
     assert!(token.starts_with("cvk_"));
     let client = client_with(token);
-    assert_eq!(
-        client.get(app.url("/v1/jobs")).send().await.expect("sent").status(),
-        200
-    );
-    let submit = client
-        .post(app.url("/v1/jobs"))
-        .json(&json!({"type": "noop"}))
-        .send()
-        .await
-        .expect("sent");
+    assert_eq!(client.get(app.url("/v1/jobs")).send().await.expect("sent").status(), 200);
+    let submit = client.post(app.url("/v1/jobs")).json(&json!({"type": "noop"})).send().await.expect("sent");
     assert_eq!(submit.status(), 403, "read-only");
 
     let listed = api(&app, &["keys", "list", "--json"]).await;
     let keys: Value = serde_json::from_str(&stdout(&listed)).expect("json");
-    let acme = keys
-        .as_array()
-        .and_then(|keys| keys.iter().find(|k| k["tenant"] == "acme"))
-        .expect("listed");
+    let acme = keys.as_array().and_then(|keys| keys.iter().find(|k| k["tenant"] == "acme")).expect("listed");
     assert_eq!(acme["name"], "ci");
     assert_eq!(acme["scopes"], json!(["jobs:read"]));
-    assert!(
-        !stdout(&listed).contains(&token[token.len() - 64..]),
-        "no secret in the list"
-    );
+    assert!(!stdout(&listed).contains(&token[token.len() - 64..]), "no secret in the list");
     let table = stdout(&api(&app, &["keys", "list"]).await);
-    assert!(
-        table.starts_with("ID") && table.contains("acme") && table.contains("active"),
-        "{table}"
-    );
+    assert!(table.starts_with("ID") && table.contains("acme") && table.contains("active"), "{table}");
 
     let key_id = acme["id"].as_str().expect("id");
     let revoked = api(&app, &["keys", "revoke", key_id]).await;
@@ -241,14 +174,8 @@ async fn keys_are_created_listed_and_revoked_from_the_cli(_: PgPoolOptionsUnused
     .await;
     assert!(gone, "the revoked key still works");
 
-    fails_with(
-        &api(&app, &["keys", "revoke", &uuid::Uuid::now_v7().to_string()]).await,
-        "no key",
-    );
-    fails_with(
-        &api(&app, &["keys", "create", "--tenant", "acme", "--scopes", "jobs:delete"]).await,
-        "jobs:delete",
-    );
+    fails_with(&api(&app, &["keys", "revoke", &uuid::Uuid::now_v7().to_string()]).await, "no key");
+    fails_with(&api(&app, &["keys", "create", "--tenant", "acme", "--scopes", "jobs:delete"]).await, "jobs:delete");
     fails_with(&api(&app, &["keys", "create", "--tenant", "a b"]).await, "tenant");
     app.stop().await;
 }
@@ -263,61 +190,32 @@ async fn jobs_are_listed_shown_and_pruned_from_the_cli(_: PgPoolOptionsUnused, c
 
     let table = stdout(&api(&app, &["jobs", "list"]).await);
     assert_eq!(table.lines().count(), 3, "{table}");
-    assert!(
-        table
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.starts_with(&later.id.to_string())),
-        "newest first: {table}"
-    );
-    let listed: Value = serde_json::from_str(&stdout(
-        &api(&app, &["jobs", "list", "--status", "succeeded", "--json"]).await,
-    ))
-    .expect("json");
+    assert!(table.lines().nth(1).is_some_and(|l| l.starts_with(&later.id.to_string())), "newest first: {table}");
+    let listed: Value =
+        serde_json::from_str(&stdout(&api(&app, &["jobs", "list", "--status", "succeeded", "--json"]).await))
+            .expect("json");
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
     let shown = stdout(&api(&app, &["jobs", "show", &echo.id.to_string()]).await);
-    assert!(
-        shown.contains("status:        succeeded") && shown.contains(r#"result:        {"k":"v"}"#),
-        "{shown}"
-    );
-    let shown: Value = serde_json::from_str(&stdout(
-        &api(&app, &["jobs", "show", &echo.id.to_string(), "--json"]).await,
-    ))
-    .expect("json");
+    assert!(shown.contains("status:        succeeded") && shown.contains(r#"result:        {"k":"v"}"#), "{shown}");
+    let shown: Value =
+        serde_json::from_str(&stdout(&api(&app, &["jobs", "show", &echo.id.to_string(), "--json"]).await))
+            .expect("json");
     assert_eq!(shown["id"], echo.id.to_string());
-    fails_with(
-        &api(&app, &["jobs", "show", &uuid::Uuid::now_v7().to_string()]).await,
-        "no job",
-    );
+    fails_with(&api(&app, &["jobs", "show", &uuid::Uuid::now_v7().to_string()]).await, "no job");
 
     // Nothing finished a day ago; age the finished job, then prune.
-    assert_eq!(
-        stdout(&api(&app, &["prune", "--older-than", "1d"]).await),
-        "deleted 0 jobs\n"
-    );
+    assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d"]).await), "deleted 0 jobs\n");
     sqlx::query("UPDATE jobs SET finished_at = now() - interval '2 days', id = $2 WHERE id = $1")
         .bind(echo.id)
         .bind(shared::job::first_id_at(chrono::Utc::now() - chrono::Duration::days(3)))
         .execute(&app.pool)
         .await
         .expect("aged");
-    assert_eq!(
-        stdout(&api(&app, &["prune", "--older-than", "1d", "--dry-run"]).await),
-        "would delete 1 job\n"
-    );
+    assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d", "--dry-run"]).await), "would delete 1 job\n");
     assert_eq!(app.job_count().await, 2);
-    assert_eq!(
-        stdout(&api(&app, &["prune", "--older-than", "1d", "--status", "failed"]).await),
-        "deleted 0 jobs\n"
-    );
-    assert_eq!(
-        stdout(&api(&app, &["prune", "--older-than", "1d"]).await),
-        "deleted 1 job\n"
-    );
+    assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d", "--status", "failed"]).await), "deleted 0 jobs\n");
+    assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d"]).await), "deleted 1 job\n");
     assert_eq!(app.job_count().await, 1, "the scheduled job stays");
-    fails_with(
-        &api(&app, &["prune", "--older-than", "1d", "--status", "queued"]).await,
-        "only finished jobs",
-    );
+    fails_with(&api(&app, &["prune", "--older-than", "1d", "--status", "queued"]).await, "only finished jobs");
     app.stop().await;
 }

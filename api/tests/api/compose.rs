@@ -10,9 +10,7 @@ use shared::config::Settings;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root")
 }
 
 fn compose() -> Yaml {
@@ -23,9 +21,7 @@ fn compose() -> Yaml {
 }
 
 fn strings(yaml: &Yaml) -> Vec<String> {
-    yaml.as_vec()
-        .map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+    yaml.as_vec().map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
 /// A service's environment as pairs, with `<<` merge keys resolved.
@@ -94,18 +90,13 @@ fn compose_services_run_commands_and_settings_the_code_accepts() {
             Some("worker") => {
                 let cli = worker::cli::Cli::try_parse_from(&command).unwrap_or_else(|e| panic!("{name}: {e}"));
                 let queues = cli.queues.unwrap_or(settings.worker.queues.clone());
-                settings
-                    .check_worker_queues(&queues)
-                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                settings.check_worker_queues(&queues).unwrap_or_else(|e| panic!("{name}: {e}"));
             }
             other => panic!("{name}: unexpected command {other:?}"),
         }
     }
     assert_eq!(built, 3, "migrate, api and worker run the project's image");
-    assert_eq!(
-        services[&Yaml::from_str("api")]["environment"]["CONVEYOR__HTTP__HOST"].as_str(),
-        Some("0.0.0.0")
-    );
+    assert_eq!(services[&Yaml::from_str("api")]["environment"]["CONVEYOR__HTTP__HOST"].as_str(), Some("0.0.0.0"));
 }
 
 #[test]

@@ -17,10 +17,7 @@ async fn problem(app: &TestApp, request: reqwest::RequestBuilder, status: Status
     let body: Value = response.json().await.expect("a JSON problem");
     assert_eq!(body["status"], status.as_u16());
     assert_eq!(body["title"], status.canonical_reason().unwrap_or_default());
-    assert!(
-        body["type"].as_str().is_some_and(|t| t.starts_with("/problems/")),
-        "{body}"
-    );
+    assert!(body["type"].as_str().is_some_and(|t| t.starts_with("/problems/")), "{body}");
     assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
     assert_eq!(app.job_count().await, 0, "a refused request wrote a job");
     body
@@ -46,16 +43,8 @@ fn fields(problem: &Value) -> Vec<&str> {
 async fn malformed_json_is_400(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
     for body in ["{\"type\": ", "not json", "{\"type\":\"noop\"} trailing", ""] {
-        let p = problem(
-            &app,
-            post_raw(&app, Some("application/json"), body),
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
-        assert!(
-            p["detail"].as_str().is_some_and(|d| d.contains("malformed JSON")),
-            "{p}"
-        );
+        let p = problem(&app, post_raw(&app, Some("application/json"), body), StatusCode::BAD_REQUEST).await;
+        assert!(p["detail"].as_str().is_some_and(|d| d.contains("malformed JSON")), "{p}");
     }
     assert_eq!(app.amqp.depth("default").await, 0);
     app.stop().await;
@@ -66,12 +55,7 @@ async fn a_body_not_declared_as_json_is_415(_: PgPoolOptionsUnused, connect: PgC
     let app = spawn_app(connect).await;
     let body = r#"{"type":"noop"}"#;
     for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
-        problem(
-            &app,
-            post_raw(&app, content_type, body),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        )
-        .await;
+        problem(&app, post_raw(&app, content_type, body), StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
     }
     // JSON with parameters or a +json suffix is still JSON.
     for content_type in ["application/json; charset=utf-8", "application/vnd.conveyor+json"] {
@@ -92,12 +76,7 @@ async fn a_body_over_the_limit_is_413(_: PgPoolOptionsUnused, connect: PgConnect
     let blob = "x".repeat(limit + 1 - prefix.len() - suffix.len());
     let body = format!("{prefix}{blob}{suffix}");
     assert_eq!(body.len(), limit + 1);
-    problem(
-        &app,
-        post_raw(&app, Some("application/json"), body.clone()),
-        StatusCode::PAYLOAD_TOO_LARGE,
-    )
-    .await;
+    problem(&app, post_raw(&app, Some("application/json"), body.clone()), StatusCode::PAYLOAD_TOO_LARGE).await;
 
     // The same without Content-Length (chunked): refused while reading.
     let answer = chunked_post(&app, body.as_bytes()).await;
@@ -107,14 +86,7 @@ async fn a_body_over_the_limit_is_413(_: PgPoolOptionsUnused, connect: PgConnect
 
     // One byte less is fine.
     let fits = format!("{prefix}{}{suffix}", "x".repeat(limit - prefix.len() - suffix.len()));
-    assert_eq!(
-        post_raw(&app, Some("application/json"), fits)
-            .send()
-            .await
-            .expect("sent")
-            .status(),
-        202
-    );
+    assert_eq!(post_raw(&app, Some("application/json"), fits).send().await.expect("sent").status(), 202);
     app.stop().await;
 }
 
@@ -131,50 +103,30 @@ async fn invalid_fields_are_422_with_their_paths(_: PgPoolOptionsUnused, connect
         (json!({"type": "noop", "max_attempts": 0}), &["max_attempts"]),
         (json!({"type": "noop", "timeout_seconds": 0}), &["timeout_seconds"]),
         (json!({"type": "noop", "run_at": "tomorrow"}), &["run_at"]),
-        (
-            json!({"type": "noop", "run_at": "2030-01-01T00:00:00Z", "delay_seconds": 5}),
-            &["delay_seconds"],
-        ),
+        (json!({"type": "noop", "run_at": "2030-01-01T00:00:00Z", "delay_seconds": 5}), &["delay_seconds"]),
         (json!({"type": "noop", "colour": "red"}), &["colour"]),
         (json!({"type": "noop", "payload": [1, 2]}), &["payload"]),
-        (
-            json!({"type": "noop", "payload": {"unexpected": true}}),
-            &["payload.unexpected"],
-        ),
+        (json!({"type": "noop", "payload": {"unexpected": true}}), &["payload.unexpected"]),
         (json!({"type": "sleep", "payload": {}}), &["payload.ms"]),
         (json!({"type": "sleep", "payload": {"ms": "soon"}}), &["payload.ms"]),
-        (
-            json!({"type": "sleep", "payload": {"ms": 999_999_999_999u64}}),
-            &["payload.ms"],
-        ),
-        (
-            json!({"type": "hash", "payload": {"input": "a", "iterations": 0}}),
-            &["payload.iterations"],
-        ),
+        (json!({"type": "sleep", "payload": {"ms": 999_999_999_999u64}}), &["payload.ms"]),
+        (json!({"type": "hash", "payload": {"input": "a", "iterations": 0}}), &["payload.iterations"]),
         (json!({"type": "http", "payload": {"url": "ftp://x"}}), &["payload.url"]),
         (
             json!({"type": "http", "payload": {"url": "http://x", "headers": {"bad header": "v"}}}),
             &["payload.headers.bad header"],
         ),
-        (
-            json!({"type": "nope", "priority": 99, "queue": "x"}),
-            &["type", "queue", "priority"],
-        ),
+        (json!({"type": "nope", "priority": 99, "queue": "x"}), &["type", "queue", "priority"]),
     ];
     for (body, expected) in cases {
-        let p = problem(
-            &app,
-            app.client.post(app.url("/v1/jobs")).json(body),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        )
-        .await;
+        let p = problem(&app, app.client.post(app.url("/v1/jobs")).json(body), StatusCode::UNPROCESSABLE_ENTITY).await;
         assert_eq!(p["type"], "/problems/validation-error");
         assert_eq!(&fields(&p), expected, "for {body}: {p}");
-        assert!(p["errors"].as_array().is_some_and(|errors| {
-            errors
-                .iter()
-                .all(|e| e["message"].as_str().is_some_and(|m| !m.is_empty()))
-        }));
+        assert!(
+            p["errors"]
+                .as_array()
+                .is_some_and(|errors| { errors.iter().all(|e| e["message"].as_str().is_some_and(|m| !m.is_empty())) })
+        );
     }
     assert_eq!(app.amqp.depth("default").await, 0);
     app.stop().await;
@@ -185,12 +137,7 @@ async fn a_malformed_id_is_400_and_an_unknown_one_404(_: PgPoolOptionsUnused, co
     let app = spawn_app(connect).await;
     problem(&app, app.client.get(app.url("/v1/jobs/12345")), StatusCode::BAD_REQUEST).await;
     let unknown = uuid::Uuid::now_v7();
-    let p = problem(
-        &app,
-        app.client.get(app.url(&format!("/v1/jobs/{unknown}"))),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
+    let p = problem(&app, app.client.get(app.url(&format!("/v1/jobs/{unknown}"))), StatusCode::NOT_FOUND).await;
     assert_eq!(p["type"], "/problems/not-found");
     app.stop().await;
 }
@@ -199,19 +146,9 @@ async fn a_malformed_id_is_400_and_an_unknown_one_404(_: PgPoolOptionsUnused, co
 async fn unknown_routes_and_methods_answer_problems(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
     problem(&app, app.client.get(app.url("/v2/jobs")), StatusCode::NOT_FOUND).await;
-    problem(
-        &app,
-        app.client.request(Method::DELETE, app.url("/v1/jobs")),
-        StatusCode::METHOD_NOT_ALLOWED,
-    )
-    .await;
+    problem(&app, app.client.request(Method::DELETE, app.url("/v1/jobs")), StatusCode::METHOD_NOT_ALLOWED).await;
     let id = uuid::Uuid::now_v7();
-    problem(
-        &app,
-        app.client.put(app.url(&format!("/v1/jobs/{id}"))),
-        StatusCode::METHOD_NOT_ALLOWED,
-    )
-    .await;
+    problem(&app, app.client.put(app.url(&format!("/v1/jobs/{id}"))), StatusCode::METHOD_NOT_ALLOWED).await;
     app.stop().await;
 }
 
@@ -219,12 +156,7 @@ async fn unknown_routes_and_methods_answer_problems(_: PgPoolOptionsUnused, conn
 async fn bad_list_parameters_are_400(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
     for query in ["status=done", "limit=0", "limit=501", "limit=ten", "cursor=xyz"] {
-        let p = problem(
-            &app,
-            app.client.get(app.url(&format!("/v1/jobs?{query}"))),
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
+        let p = problem(&app, app.client.get(app.url(&format!("/v1/jobs?{query}"))), StatusCode::BAD_REQUEST).await;
         let name = query.split('=').next().unwrap_or_default();
         assert!(p["detail"].as_str().is_some_and(|d| d.contains(name)), "{query}: {p}");
     }
@@ -245,10 +177,7 @@ async fn chunked_post(app: &TestApp, body: &[u8]) -> String {
     stream.write_all(head.as_bytes()).await.expect("write");
     for chunk in body.chunks(64 * 1024) {
         // The server may answer and close before the whole body is sent.
-        if stream
-            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-            .await
-            .is_err()
+        if stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.is_err()
             || stream.write_all(chunk).await.is_err()
             || stream.write_all(b"\r\n").await.is_err()
         {

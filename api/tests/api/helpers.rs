@@ -46,43 +46,23 @@ pub async fn spawn_app_with(connect: PgConnectOptions, configure: impl FnOnce(&m
     }
     let amqp = AmqpNamespace::new(QUEUES);
     let mut settings = settings(&connect, &amqp);
-    settings.queues.insert(
-        "critical".to_owned(),
-        shared::config::QueueSettings {
-            max_depth: 1_000_000,
-            weight: 2,
-        },
-    );
+    settings.queues.insert("critical".to_owned(), shared::config::QueueSettings { max_depth: 1_000_000, weight: 2 });
     configure(&mut settings);
-    let pool = PgPoolOptions::new()
-        .max_connections(32)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(connect);
-    let app = Application::build_with_pool(settings.clone(), pool.clone())
-        .await
-        .expect("the API starts");
+    let pool =
+        PgPoolOptions::new().max_connections(32).acquire_timeout(Duration::from_secs(10)).connect_lazy_with(connect);
+    let app = Application::build_with_pool(settings.clone(), pool.clone()).await.expect("the API starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let server = app.handle();
     tokio::spawn(app.run_until_stopped());
     let token = key(&pool, "default", &[Scope::Admin]).await;
     let client = client_with(&token);
-    TestApp {
-        address,
-        client,
-        token,
-        pool,
-        settings,
-        amqp,
-        server,
-        workers: Vec::new(),
-    }
+    TestApp { address, client, token, pool, settings, amqp, server, workers: Vec::new() }
 }
 
 /// Creates an API key of `tenant` with `scopes` and returns its token.
 pub async fn key(pool: &PgPool, tenant: &str, scopes: &[Scope]) -> String {
-    let (_, token) = api::auth::keys::create(pool, tenant, Some("test"), Scopes::of(scopes))
-        .await
-        .expect("key created");
+    let (_, token) =
+        api::auth::keys::create(pool, tenant, Some("test"), Scopes::of(scopes)).await.expect("key created");
     token
 }
 
@@ -91,10 +71,7 @@ pub fn client_with(token: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("ascii token");
     headers.insert(reqwest::header::AUTHORIZATION, value);
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .expect("client")
+    reqwest::Client::builder().default_headers(headers).build().expect("client")
 }
 
 impl TestApp {
@@ -114,10 +91,7 @@ impl TestApp {
     }
 
     fn spawn(&mut self, settings: Settings, pool: PgPool, queues: &[&str], concurrency: u16) {
-        let config = WorkerConfig {
-            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
-            concurrency,
-        };
+        let config = WorkerConfig { queues: queues.iter().map(|q| (*q).to_owned()).collect(), concurrency };
         let worker = Worker::new(settings, pool, config).expect("valid worker config");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
@@ -152,12 +126,7 @@ impl TestApp {
 
     /// `POST /v1/jobs` with a JSON body.
     pub async fn submit(&self, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/v1/jobs"))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        self.client.post(self.url("/v1/jobs")).json(body).send().await.expect("request sent")
     }
 
     /// Submits a job that must be accepted, and returns it.
@@ -168,12 +137,7 @@ impl TestApp {
     }
 
     pub async fn get_job(&self, id: uuid::Uuid) -> Job {
-        let response = self
-            .client
-            .get(self.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .expect("request sent");
+        let response = self.client.get(self.url(&format!("/v1/jobs/{id}"))).send().await.expect("request sent");
         assert_eq!(response.status(), 200);
         response.json().await.expect("a job in the body")
     }
@@ -195,16 +159,12 @@ impl TestApp {
 
     /// Waits until the job is terminal.
     pub async fn wait_terminal(&self, id: uuid::Uuid) -> Job {
-        self.wait_for(id, Duration::from_secs(30), |job| job.status.is_terminal())
-            .await
+        self.wait_for(id, Duration::from_secs(30), |job| job.status.is_terminal()).await
     }
 
     /// Rows in `jobs`, to show that a refused request wrote nothing.
     pub async fn job_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM jobs")
-            .fetch_one(&self.pool)
-            .await
-            .expect("count jobs")
+        sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.pool).await.expect("count jobs")
     }
 
     /// Jobs in `status`.
@@ -293,12 +253,7 @@ impl Endpoint {
         let server = server.run();
         let handle = server.handle();
         tokio::spawn(server);
-        Self {
-            url: format!("http://127.0.0.1:{port}"),
-            status,
-            received,
-            server: handle,
-        }
+        Self { url: format!("http://127.0.0.1:{port}"), status, received, server: handle }
     }
 
     pub fn answer(&self, status: u16) {

@@ -20,11 +20,7 @@ async fn noop_and_echo_succeed_with_their_results(_: PgPoolOptionsUnused, connec
     let echo = app.submit_ok(&json!({"type": "echo", "payload": payload})).await;
 
     let noop = app.wait_terminal(noop.id).await;
-    assert_eq!(
-        (noop.status, noop.attempt, noop.result),
-        (JobStatus::Succeeded, 1, None),
-        "noop returns nothing"
-    );
+    assert_eq!((noop.status, noop.attempt, noop.result), (JobStatus::Succeeded, 1, None), "noop returns nothing");
     assert!(noop.started_at.is_some() && noop.finished_at.is_some());
     let echo = app.wait_terminal(echo.id).await;
     assert_eq!((echo.status, echo.result), (JobStatus::Succeeded, Some(payload)));
@@ -48,10 +44,7 @@ async fn sleep_reports_progress_while_running_and_succeeds(_: PgPoolOptionsUnuse
     assert_eq!(done.status, JobStatus::Succeeded);
     assert_eq!(done.progress, Some(100));
     assert_eq!(done.result, Some(json!({"slept_ms": 1500})));
-    let ran = done
-        .finished_at
-        .zip(done.started_at)
-        .map(|(f, s)| (f - s).num_milliseconds());
+    let ran = done.finished_at.zip(done.started_at).map(|(f, s)| (f - s).num_milliseconds());
     assert!(ran.is_some_and(|ms| ms >= 1500), "slept for real: {ran:?}");
     app.stop().await;
 }
@@ -72,14 +65,8 @@ async fn a_sleep_past_its_timeout_is_stopped_and_fails_with_kind_timeout(
     assert_eq!(done.status, JobStatus::Failed);
     let error = done.error.expect("an error");
     assert_eq!((error.kind, error.attempt), (FailureKind::Timeout, 1));
-    let ran = done
-        .finished_at
-        .zip(done.started_at)
-        .map(|(f, s)| (f - s).num_milliseconds());
-    assert!(
-        ran.is_some_and(|ms| (1000..5000).contains(&ms)),
-        "stopped at its timeout: {ran:?}"
-    );
+    let ran = done.finished_at.zip(done.started_at).map(|(f, s)| (f - s).num_milliseconds());
+    assert!(ran.is_some_and(|ms| (1000..5000).contains(&ms)), "stopped at its timeout: {ran:?}");
     app.stop().await;
 }
 
@@ -88,33 +75,20 @@ async fn fail_fails_permanently_or_waits_for_a_retry(_: PgPoolOptionsUnused, con
     let mut app = spawn_app_with(connect, hold_retries).await;
     app.spawn_worker(&["default"], 2);
 
-    let permanent = app
-        .submit_ok(&json!({"type": "fail", "payload": {"message": "bad input", "retryable": false}}))
-        .await;
-    let retryable = app
-        .submit_ok(&json!({"type": "fail", "payload": {"message": "flaky"}, "max_attempts": 3}))
-        .await;
+    let permanent =
+        app.submit_ok(&json!({"type": "fail", "payload": {"message": "bad input", "retryable": false}})).await;
+    let retryable = app.submit_ok(&json!({"type": "fail", "payload": {"message": "flaky"}, "max_attempts": 3})).await;
     let exhausted = app.submit_ok(&json!({"type": "fail", "max_attempts": 1})).await;
     let enough = app.submit_ok(&json!({"type": "fail", "payload": {"times": 0}})).await;
 
     let permanent = app.wait_terminal(permanent.id).await;
     assert_eq!((permanent.status, permanent.attempt), (JobStatus::Failed, 1));
     let error = permanent.error.expect("error kept");
-    assert_eq!(
-        (error.message.as_str(), error.kind, error.attempt),
-        ("bad input", FailureKind::Permanent, 1)
-    );
+    assert_eq!((error.message.as_str(), error.kind, error.attempt), ("bad input", FailureKind::Permanent, 1));
 
-    let retrying = app
-        .wait_for(retryable.id, Duration::from_secs(30), |j| {
-            j.status == JobStatus::Retrying
-        })
-        .await;
+    let retrying = app.wait_for(retryable.id, Duration::from_secs(30), |j| j.status == JobStatus::Retrying).await;
     let error = retrying.error.clone().expect("error kept");
-    assert_eq!(
-        (error.message.as_str(), error.kind, error.attempt),
-        ("flaky", FailureKind::Retryable, 1)
-    );
+    assert_eq!((error.message.as_str(), error.kind, error.attempt), ("flaky", FailureKind::Retryable, 1));
     assert!(retrying.finished_at.is_none());
     // First retry: full jitter within [0, base] after the failure.
     let wait = (retrying.run_at - retrying.updated_at).num_milliseconds();
@@ -122,17 +96,10 @@ async fn fail_fails_permanently_or_waits_for_a_retry(_: PgPoolOptionsUnused, con
 
     let exhausted = app.wait_terminal(exhausted.id).await;
     assert_eq!(exhausted.status, JobStatus::Failed);
-    assert_eq!(
-        exhausted.error.map(|e| e.kind),
-        Some(FailureKind::Retryable),
-        "retryable, but no attempts left"
-    );
+    assert_eq!(exhausted.error.map(|e| e.kind), Some(FailureKind::Retryable), "retryable, but no attempts left");
 
     let enough = app.wait_terminal(enough.id).await;
-    assert_eq!(
-        (enough.status, enough.result),
-        (JobStatus::Succeeded, Some(json!({"succeeded_on_attempt": 1})))
-    );
+    assert_eq!((enough.status, enough.result), (JobStatus::Succeeded, Some(json!({"succeeded_on_attempt": 1}))));
     app.stop().await;
 }
 
@@ -147,9 +114,8 @@ async fn hash_returns_the_iterated_sha256(_: PgPoolOptionsUnused, connect: PgCon
         (1000, "6ae5911b4b78f4b4e8d9ce3e0a8a3db6d306f37c25cba3d100b8cef29b05959e"),
     ];
     for (iterations, digest) in expected {
-        let job = app
-            .submit_ok(&json!({"type": "hash", "payload": {"input": "conveyor", "iterations": iterations}}))
-            .await;
+        let job =
+            app.submit_ok(&json!({"type": "hash", "payload": {"input": "conveyor", "iterations": iterations}})).await;
         let done = app.wait_terminal(job.id).await;
         assert_eq!(done.status, JobStatus::Succeeded);
         assert_eq!(done.result, Some(json!({"digest": digest})), "{iterations} iterations");
@@ -174,22 +140,13 @@ async fn http_makes_a_real_request_and_classifies_the_answer(_: PgPoolOptionsUnu
     assert_eq!(done.result, Some(json!({"status": 200, "body": "answered 200"})));
     let received = endpoint.received();
     assert_eq!(received.len(), 1);
-    assert_eq!(
-        (received[0].method.as_str(), received[0].path.as_str()),
-        ("PUT", "/hooks/1")
-    );
-    assert!(
-        received[0]
-            .headers
-            .contains(&("x-signature".to_owned(), "abc".to_owned()))
-    );
+    assert_eq!((received[0].method.as_str(), received[0].path.as_str()), ("PUT", "/hooks/1"));
+    assert!(received[0].headers.contains(&("x-signature".to_owned(), "abc".to_owned())));
     assert_eq!(received[0].body, r#"{"event":"done"}"#);
 
     // 4xx: asking again will not help.
     endpoint.answer(404);
-    let job = app
-        .submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}}))
-        .await;
+    let job = app.submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}})).await;
     let done = app.wait_terminal(job.id).await;
     assert_eq!(done.status, JobStatus::Failed);
     let error = done.error.expect("error");
@@ -198,20 +155,12 @@ async fn http_makes_a_real_request_and_classifies_the_answer(_: PgPoolOptionsUnu
 
     // 5xx and network errors are retried.
     endpoint.answer(503);
-    let job = app
-        .submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}}))
-        .await;
-    let retrying = app
-        .wait_for(job.id, Duration::from_secs(30), |j| j.status == JobStatus::Retrying)
-        .await;
+    let job = app.submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}})).await;
+    let retrying = app.wait_for(job.id, Duration::from_secs(30), |j| j.status == JobStatus::Retrying).await;
     assert_eq!(retrying.error.map(|e| e.kind), Some(FailureKind::Retryable));
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let job = app
-        .submit_ok(&json!({"type": "http", "payload": {"url": closed, "timeout_ms": 2000}}))
-        .await;
-    let retrying = app
-        .wait_for(job.id, Duration::from_secs(30), |j| j.status == JobStatus::Retrying)
-        .await;
+    let job = app.submit_ok(&json!({"type": "http", "payload": {"url": closed, "timeout_ms": 2000}})).await;
+    let retrying = app.wait_for(job.id, Duration::from_secs(30), |j| j.status == JobStatus::Retrying).await;
     assert_eq!(retrying.error.map(|e| e.kind), Some(FailureKind::Retryable));
 
     endpoint.stop().await;
@@ -220,10 +169,7 @@ async fn http_makes_a_real_request_and_classifies_the_answer(_: PgPoolOptionsUnu
 
 /// A port nobody listens on: bound, then released.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// Keeps failed jobs in `retrying` long enough to look at: a one-minute

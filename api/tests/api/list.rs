@@ -12,12 +12,7 @@ use crate::helpers::{TestApp, spawn_app, wait_until};
 use crate::submit::PgPoolOptionsUnused;
 
 async fn page(app: &TestApp, query: &str) -> Value {
-    let response = app
-        .client
-        .get(app.url(&format!("/v1/jobs?{query}")))
-        .send()
-        .await
-        .expect("sent");
+    let response = app.client.get(app.url(&format!("/v1/jobs?{query}"))).send().await.expect("sent");
     assert_eq!(response.status(), 200, "{query}");
     response.json().await.expect("a page")
 }
@@ -71,10 +66,7 @@ async fn paging_visits_every_job_once_newest_first(_: PgPoolOptionsUnused, conne
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn filters_select_by_status_type_and_queue(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let mut app = spawn_app(connect).await;
-    let failed = app
-        .submit_ok(&json!({"type": "fail", "payload": {"retryable": false}}))
-        .await
-        .id;
+    let failed = app.submit_ok(&json!({"type": "fail", "payload": {"retryable": false}})).await.id;
     let echoed = app.submit_ok(&json!({"type": "echo"})).await.id;
     let critical = app.submit_ok(&json!({"type": "noop", "queue": "critical"})).await.id;
     let scheduled = app.submit_ok(&json!({"type": "noop", "delay_seconds": 600})).await.id;
@@ -88,17 +80,11 @@ async fn filters_select_by_status_type_and_queue(_: PgPoolOptionsUnused, connect
 
     let set = |page: Value| ids(&page).into_iter().collect::<HashSet<_>>();
     assert_eq!(set(page(&app, "status=failed").await), HashSet::from([failed]));
-    assert_eq!(
-        set(page(&app, "status=succeeded").await),
-        HashSet::from([echoed, critical])
-    );
+    assert_eq!(set(page(&app, "status=succeeded").await), HashSet::from([echoed, critical]));
     assert_eq!(set(page(&app, "status=scheduled").await), HashSet::from([scheduled]));
     assert_eq!(set(page(&app, "type=noop").await), HashSet::from([critical, scheduled]));
     assert_eq!(set(page(&app, "queue=critical").await), HashSet::from([critical]));
-    assert_eq!(
-        set(page(&app, "type=noop&queue=default").await),
-        HashSet::from([scheduled])
-    );
+    assert_eq!(set(page(&app, "type=noop&queue=default").await), HashSet::from([scheduled]));
     assert!(set(page(&app, "status=running").await).is_empty());
     assert!(set(page(&app, "type=unknown").await).is_empty());
     app.stop().await;

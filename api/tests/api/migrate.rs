@@ -13,9 +13,7 @@ async fn migrate_creates_a_missing_database_and_can_run_again() {
     settings.url = format!("{base}/{name}");
 
     let exists = |settings: DatabaseSettings| async move {
-        <sqlx::Postgres as sqlx::migrate::MigrateDatabase>::database_exists(&settings.url)
-            .await
-            .expect("ask")
+        <sqlx::Postgres as sqlx::migrate::MigrateDatabase>::database_exists(&settings.url).await.expect("ask")
     };
     assert!(!exists(settings.clone()).await);
     for _ in 0..2 {
@@ -54,18 +52,10 @@ async fn migrate_creates_a_missing_database_and_can_run_again() {
             .bind(uuid::Uuid::now_v7())
             .execute(&pool)
             .await;
-        let code = bogus
-            .err()
-            .and_then(|e| e.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()));
-        assert_eq!(
-            code.as_deref(),
-            Some("23514"),
-            "the status check constraint refuses unknown statuses"
-        );
+        let code = bogus.err().and_then(|e| e.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()));
+        assert_eq!(code.as_deref(), Some("23514"), "the status check constraint refuses unknown statuses");
         pool.close().await;
     }
     assert!(exists(settings.clone()).await);
-    <sqlx::Postgres as sqlx::migrate::MigrateDatabase>::drop_database(&settings.url)
-        .await
-        .expect("clean up");
+    <sqlx::Postgres as sqlx::migrate::MigrateDatabase>::drop_database(&settings.url).await.expect("clean up");
 }

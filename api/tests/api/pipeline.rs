@@ -39,25 +39,13 @@ async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOpt
     let submitted = app.job_count().await;
     assert!(submitted >= JOBS as i64);
 
-    let all_done = wait_until(Duration::from_secs(120), || async {
-        app.count_in(JobStatus::Succeeded).await == submitted
-    })
-    .await;
-    assert!(
-        all_done,
-        "only {} of {submitted} succeeded",
-        app.count_in(JobStatus::Succeeded).await
-    );
+    let all_done =
+        wait_until(Duration::from_secs(120), || async { app.count_in(JobStatus::Succeeded).await == submitted }).await;
+    assert!(all_done, "only {} of {submitted} succeeded", app.count_in(JobStatus::Succeeded).await);
     // Each ran once: one claim each (attempt 1), by one of the four workers.
     let (attempts, workers): (Vec<i32>, i64) = (
-        sqlx::query_scalar("SELECT DISTINCT attempt FROM jobs")
-            .fetch_all(&app.pool)
-            .await
-            .expect("query"),
-        sqlx::query_scalar("SELECT count(DISTINCT lease_owner) FROM jobs")
-            .fetch_one(&app.pool)
-            .await
-            .expect("query"),
+        sqlx::query_scalar("SELECT DISTINCT attempt FROM jobs").fetch_all(&app.pool).await.expect("query"),
+        sqlx::query_scalar("SELECT count(DISTINCT lease_owner) FROM jobs").fetch_one(&app.pool).await.expect("query"),
     );
     assert_eq!(attempts, [1]);
     assert_eq!(workers, 0, "finished jobs hold no lease");
@@ -122,24 +110,12 @@ async fn a_duplicate_message_is_dropped_and_one_for_an_unknown_job_dead_lettered
     // A second message for the finished job (as a republish would make).
     let duplicate = serde_json::to_vec(&Message::RunJob { job_id: job.id }).expect("json");
     app.amqp.publish_raw("default", &duplicate).await;
-    let unknown = serde_json::to_vec(&Message::RunJob {
-        job_id: uuid::Uuid::now_v7(),
-    })
-    .expect("json");
+    let unknown = serde_json::to_vec(&Message::RunJob { job_id: uuid::Uuid::now_v7() }).expect("json");
     app.amqp.publish_raw("default", &unknown).await;
 
     assert!(wait_until(Duration::from_secs(10), || async { app.amqp.dead_letters().await == 1 }).await);
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            app.amqp.depth("default").await == 0
-        })
-        .await
-    );
-    assert_eq!(
-        app.get_job(job.id).await,
-        first,
-        "the duplicate did not run the job again"
-    );
+    assert!(wait_until(Duration::from_secs(10), || async { app.amqp.depth("default").await == 0 }).await);
+    assert_eq!(app.get_job(job.id).await, first, "the duplicate did not run the job again");
     app.stop().await;
 }
 
@@ -150,9 +126,7 @@ async fn two_messages_for_one_job_arriving_together_run_it_once(_: PgPoolOptions
     // Each job's message is in the queue twice (as after a republish), side by side.
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let job = app
-            .submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}}))
-            .await;
+        let job = app.submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}})).await;
         let duplicate = serde_json::to_vec(&Message::RunJob { job_id: job.id }).expect("json");
         app.amqp.publish_raw("default", &duplicate).await;
         ids.push(job.id);
@@ -164,12 +138,7 @@ async fn two_messages_for_one_job_arriving_together_run_it_once(_: PgPoolOptions
     for id in &ids {
         assert_eq!(app.wait_terminal(*id).await.status, JobStatus::Succeeded);
     }
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            app.amqp.depth("default").await == 0
-        })
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(10), || async { app.amqp.depth("default").await == 0 }).await);
     assert_eq!(endpoint.received().len(), 5, "each webhook was delivered once");
     endpoint.stop().await;
     app.stop().await;

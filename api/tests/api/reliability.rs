@@ -27,28 +27,16 @@ async fn a_job_failing_twice_succeeds_on_its_third_attempt(_: PgPoolOptionsUnuse
     let mut app = spawn_app_with(connect, fast).await;
     app.spawn_worker(&["default"], 2);
 
-    let flaky = app
-        .submit_ok(&json!({"type": "fail", "payload": {"times": 2, "message": "flaky"}}))
-        .await;
-    let permanent = app
-        .submit_ok(&json!({"type": "fail", "payload": {"retryable": false}}))
-        .await;
+    let flaky = app.submit_ok(&json!({"type": "fail", "payload": {"times": 2, "message": "flaky"}})).await;
+    let permanent = app.submit_ok(&json!({"type": "fail", "payload": {"retryable": false}})).await;
 
     let flaky = app.wait_terminal(flaky.id).await;
     assert_eq!(flaky.status, JobStatus::Succeeded);
     assert_eq!(flaky.attempt, 3);
     assert_eq!(flaky.result, Some(json!({"succeeded_on_attempt": 3})));
-    assert_eq!(
-        flaky.error.map(|e| (e.kind, e.attempt)),
-        Some((FailureKind::Retryable, 2)),
-        "the last failure is kept"
-    );
+    assert_eq!(flaky.error.map(|e| (e.kind, e.attempt)), Some((FailureKind::Retryable, 2)), "the last failure is kept");
     let permanent = app.wait_terminal(permanent.id).await;
-    assert_eq!(
-        (permanent.status, permanent.attempt),
-        (JobStatus::Failed, 1),
-        "not retryable: one attempt"
-    );
+    assert_eq!((permanent.status, permanent.attempt), (JobStatus::Failed, 1), "not retryable: one attempt");
     app.stop().await;
 }
 
@@ -62,9 +50,7 @@ async fn retry_delays_grow_and_stay_within_their_jitter_bounds(_: PgPoolOptionsU
     })
     .await;
     app.spawn_worker(&["default"], 1);
-    let job = app
-        .submit_ok(&json!({"type": "fail", "payload": {"times": 3}, "max_attempts": 4}))
-        .await;
+    let job = app.submit_ok(&json!({"type": "fail", "payload": {"times": 3}, "max_attempts": 4})).await;
 
     // Watch every retrying stint: its delay is run_at minus the moment it failed.
     let mut delays = Vec::new();
@@ -83,10 +69,7 @@ async fn retry_delays_grow_and_stay_within_their_jitter_bounds(_: PgPoolOptionsU
     assert!(!delays.is_empty(), "no retrying stint was observed");
     for (attempt, delay) in &delays {
         let ceiling = i64::try_from(base_ms).unwrap_or_default() << (attempt - 1);
-        assert!(
-            (0..=ceiling).contains(delay),
-            "attempt {attempt}: waited {delay} ms, ceiling {ceiling} ms"
-        );
+        assert!((0..=ceiling).contains(delay), "attempt {attempt}: waited {delay} ms, ceiling {ceiling} ms");
     }
     app.stop().await;
 }
@@ -101,22 +84,14 @@ async fn a_scheduled_job_runs_at_its_time_not_before(_: PgPoolOptionsUnused, con
     let done = app.wait_terminal(job.id).await;
 
     let started = done.started_at.expect("started");
-    assert!(
-        started >= done.run_at,
-        "started {started} before its run_at {}",
-        done.run_at
-    );
+    assert!(started >= done.run_at, "started {started} before its run_at {}", done.run_at);
     let late = (started - done.run_at).num_milliseconds();
     assert!(late < 1500, "started {late} ms after its time");
     app.stop().await;
 }
 
 async fn cancel(app: &TestApp, id: uuid::Uuid) -> reqwest::Response {
-    app.client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .expect("sent")
+    app.client.post(app.url(&format!("/v1/jobs/{id}/cancel"))).send().await.expect("sent")
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -132,28 +107,17 @@ async fn cancel_works_in_every_state(_: PgPoolOptionsUnused, connect: PgConnectO
     let scheduled = app.submit_ok(&json!({"type": "noop", "delay_seconds": 600})).await;
     let queued = app.submit_ok(&json!({"type": "noop", "queue": "critical"})).await;
     let retrying = app.submit_ok(&json!({"type": "fail"})).await;
-    let running = app
-        .submit_ok(&json!({"type": "sleep", "payload": {"ms": 60_000}}))
-        .await;
+    let running = app.submit_ok(&json!({"type": "sleep", "payload": {"ms": 60_000}})).await;
     let finished = app.submit_ok(&json!({"type": "noop"})).await;
-    app.wait_for(retrying.id, Duration::from_secs(10), |j| {
-        j.status == JobStatus::Retrying
-    })
-    .await;
-    app.wait_for(running.id, Duration::from_secs(10), |j| j.status == JobStatus::Running)
-        .await;
+    app.wait_for(retrying.id, Duration::from_secs(10), |j| j.status == JobStatus::Retrying).await;
+    app.wait_for(running.id, Duration::from_secs(10), |j| j.status == JobStatus::Running).await;
     app.wait_terminal(finished.id).await;
 
     for job in [&scheduled, &queued, &retrying] {
         let response = cancel(&app, job.id).await;
         assert_eq!(response.status(), 200);
         let body: Job = response.json().await.expect("job");
-        assert_eq!(
-            body.status,
-            JobStatus::Cancelled,
-            "cancelled at once from {:?}",
-            job.status
-        );
+        assert_eq!(body.status, JobStatus::Cancelled, "cancelled at once from {:?}", job.status);
         assert_eq!(body.error.map(|e| e.kind), Some(FailureKind::Cancelled));
         assert!(body.finished_at.is_some());
     }
@@ -165,15 +129,9 @@ async fn cancel_works_in_every_state(_: PgPoolOptionsUnused, connect: PgConnectO
     let body: Job = response.json().await.expect("job");
     assert_eq!(body.status, JobStatus::Running);
     assert!(body.cancel_requested_at.is_some());
-    let stopped = app
-        .wait_for(running.id, Duration::from_secs(10), |j| j.status.is_terminal())
-        .await;
+    let stopped = app.wait_for(running.id, Duration::from_secs(10), |j| j.status.is_terminal()).await;
     assert_eq!(stopped.status, JobStatus::Cancelled);
-    assert!(
-        asked.elapsed() < Duration::from_secs(1),
-        "sleep stopped {:?} after the request",
-        asked.elapsed()
-    );
+    assert!(asked.elapsed() < Duration::from_secs(1), "sleep stopped {:?} after the request", asked.elapsed());
 
     // Ended jobs cannot be cancelled.
     for job in [&finished, &running] {
@@ -183,12 +141,7 @@ async fn cancel_works_in_every_state(_: PgPoolOptionsUnused, connect: PgConnectO
     }
     // The cancelled queued job's message is dropped when it is finally consumed.
     app.spawn_worker(&["critical"], 1);
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            app.amqp.depth("critical").await == 0
-        })
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(10), || async { app.amqp.depth("critical").await == 0 }).await);
     let still = app.get_job(queued.id).await;
     assert_eq!((still.status, still.attempt), (JobStatus::Cancelled, 0), "it never ran");
     app.stop().await;
@@ -210,11 +163,7 @@ async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOpti
     .await;
     let started = Instant::now();
     let job = app.submit_ok(&json!({"type": "echo", "payload": {"n": 1}})).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the submission was not held up: {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "the submission was not held up: {:?}", started.elapsed());
     let published: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT published_at FROM jobs WHERE id = $1")
             .bind(job.id)
@@ -239,10 +188,7 @@ async fn a_zombie_workers_late_writes_are_rejected(_: PgPoolOptionsUnused, conne
     let (zombie_worker, live_worker) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
 
     // Worker Z claims the job, then goes silent: its lease expires and the job is rescued.
-    let z = jobs::claim(&app.pool, job.id, zombie_worker, 30)
-        .await
-        .expect("claim")
-        .expect("claimed");
+    let z = jobs::claim(&app.pool, job.id, zombie_worker, 30).await.expect("claim").expect("claimed");
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
         .bind(job.id)
         .execute(&app.pool)
@@ -251,48 +197,21 @@ async fn a_zombie_workers_late_writes_are_rejected(_: PgPoolOptionsUnused, conne
     assert_eq!(jobs::rescue_expired(&app.pool, 10).await.expect("rescue"), 1);
     assert_eq!(jobs::queue_due(&app.pool, 10).await.expect("due").len(), 1);
     // Worker L claims it again and finishes it.
-    let l = jobs::claim(&app.pool, job.id, live_worker, 30)
-        .await
-        .expect("claim")
-        .expect("claimed");
+    let l = jobs::claim(&app.pool, job.id, live_worker, 30).await.expect("claim").expect("claimed");
     assert_eq!((z.attempt, l.attempt), (1, 2), "the lost attempt counts");
-    let zombie = Lease {
-        id: job.id,
-        token: z.lease_token,
-    };
-    let live = Lease {
-        id: job.id,
-        token: l.lease_token,
-    };
+    let zombie = Lease { id: job.id, token: z.lease_token };
+    let live = Lease { id: job.id, token: l.lease_token };
 
     // Z wakes up: nothing it writes lands, before or after L's outcome.
     assert!(!jobs::set_progress(&app.pool, zombie, 50).await.expect("query"));
-    assert!(
-        !jobs::finish(&app.pool, zombie, &Outcome::Succeeded(json!("zombie")))
-            .await
-            .expect("query")
-    );
-    assert!(
-        jobs::renew(&app.pool, &[zombie], 30).await.expect("query").is_empty(),
-        "Z learns its lease is gone"
-    );
-    assert!(
-        jobs::finish(&app.pool, live, &Outcome::Succeeded(json!("live")))
-            .await
-            .expect("query")
-    );
-    assert!(
-        !jobs::finish(&app.pool, zombie, &Outcome::Succeeded(json!("zombie")))
-            .await
-            .expect("query")
-    );
+    assert!(!jobs::finish(&app.pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
+    assert!(jobs::renew(&app.pool, &[zombie], 30).await.expect("query").is_empty(), "Z learns its lease is gone");
+    assert!(jobs::finish(&app.pool, live, &Outcome::Succeeded(json!("live"))).await.expect("query"));
+    assert!(!jobs::finish(&app.pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
     assert!(jobs::release(&app.pool, zombie).await.expect("query").is_none());
 
     let done = app.get_job(job.id).await;
-    assert_eq!(
-        (done.status, done.attempt, done.result),
-        (JobStatus::Succeeded, 2, Some(json!("live")))
-    );
+    assert_eq!((done.status, done.attempt, done.result), (JobStatus::Succeeded, 2, Some(json!("live"))));
     app.stop().await;
 }
 
@@ -315,19 +234,10 @@ async fn jobs_survive_the_broker_connection_being_cut_mid_stream(_: PgPoolOption
             for i in 0..n {
                 let started = Instant::now();
                 let response = app.submit(&json!({"type": "sleep", "payload": {"ms": 50 + i}})).await;
-                assert!(
-                    started.elapsed() < Duration::from_secs(5),
-                    "a submission hung: {:?}",
-                    started.elapsed()
-                );
+                assert!(started.elapsed() < Duration::from_secs(5), "a submission hung: {:?}", started.elapsed());
                 assert_eq!(response.status(), 202);
                 let job: Value = response.json().await.expect("job");
-                ids.push(
-                    job["id"]
-                        .as_str()
-                        .and_then(|id| id.parse::<uuid::Uuid>().ok())
-                        .expect("id"),
-                );
+                ids.push(job["id"].as_str().and_then(|id| id.parse::<uuid::Uuid>().ok()).expect("id"));
             }
             ids
         }
@@ -339,38 +249,27 @@ async fn jobs_survive_the_broker_connection_being_cut_mid_stream(_: PgPoolOption
     let ready = app.client.get(app.url("/readyz")).send().await.expect("sent");
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.expect("json");
-    assert_eq!(
-        (body["postgres"].as_str(), body["rabbitmq"].as_str()),
-        (Some("up"), Some("down"))
-    );
+    assert_eq!((body["postgres"].as_str(), body["rabbitmq"].as_str()), (Some("up"), Some("down")));
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.restore();
     ids.extend(submit_all(10).await);
 
-    let all_done = wait_until(Duration::from_secs(60), || async {
-        app.count_in(JobStatus::Succeeded).await == ids.len() as i64
-    })
-    .await;
-    let statuses: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
-        .fetch_all(&app.pool)
-        .await
-        .expect("query");
+    let all_done =
+        wait_until(Duration::from_secs(60), || async { app.count_in(JobStatus::Succeeded).await == ids.len() as i64 })
+            .await;
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status").fetch_all(&app.pool).await.expect("query");
     assert!(all_done, "not every job succeeded: {statuses:?}");
-    let attempts: HashSet<i32> = sqlx::query_scalar("SELECT attempt FROM jobs")
-        .fetch_all(&app.pool)
-        .await
-        .expect("query")
-        .into_iter()
-        .collect();
+    let attempts: HashSet<i32> =
+        sqlx::query_scalar("SELECT attempt FROM jobs").fetch_all(&app.pool).await.expect("query").into_iter().collect();
     assert_eq!(attempts, HashSet::from([1]), "each job ran to completion exactly once");
     app.stop().await;
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn requests_fail_fast_with_503_while_postgres_is_cut_off(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let postgres: std::net::SocketAddr = format!("{}:{}", connect.get_host(), connect.get_port())
-        .parse()
-        .expect("addr");
+    let postgres: std::net::SocketAddr =
+        format!("{}:{}", connect.get_host(), connect.get_port()).parse().expect("addr");
     let proxy = Proxy::start(postgres).await;
     let proxied = connect.clone().host("127.0.0.1").port(proxy.port);
     let app = spawn_app_with(proxied, |s| s.database.acquire_timeout_ms = 1000).await;
@@ -379,37 +278,19 @@ async fn requests_fail_fast_with_503_while_postgres_is_cut_off(_: PgPoolOptionsU
     proxy.cut();
     for _ in 0..3 {
         let started = Instant::now();
-        let response = app
-            .client
-            .get(app.url(&format!("/v1/jobs/{}", job.id)))
-            .send()
-            .await
-            .expect("sent");
+        let response = app.client.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent");
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()["retry-after"], "1");
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "took {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     }
     let ready = app.client.get(app.url("/readyz")).send().await.expect("sent");
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.expect("json");
-    assert_eq!(
-        (body["postgres"].as_str(), body["rabbitmq"].as_str()),
-        (Some("down"), Some("up"))
-    );
+    assert_eq!((body["postgres"].as_str(), body["rabbitmq"].as_str()), (Some("down"), Some("up")));
 
     proxy.restore();
     let back = wait_until(Duration::from_secs(10), || async {
-        app.client
-            .get(app.url(&format!("/v1/jobs/{}", job.id)))
-            .send()
-            .await
-            .expect("sent")
-            .status()
-            == 200
+        app.client.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent").status() == 200
     })
     .await;
     assert!(back, "the API did not recover after Postgres came back");
@@ -419,9 +300,8 @@ async fn requests_fail_fast_with_503_while_postgres_is_cut_off(_: PgPoolOptionsU
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn workers_carry_on_after_postgres_comes_back(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     // The workers reach Postgres through a proxy; the API and the test directly.
-    let postgres: std::net::SocketAddr = format!("{}:{}", connect.get_host(), connect.get_port())
-        .parse()
-        .expect("addr");
+    let postgres: std::net::SocketAddr =
+        format!("{}:{}", connect.get_host(), connect.get_port()).parse().expect("addr");
     let proxy = Proxy::start(postgres).await;
     let mut app = spawn_app_with(connect.clone(), fast).await;
     let worker_pool = sqlx::postgres::PgPoolOptions::new()
@@ -432,11 +312,7 @@ async fn workers_carry_on_after_postgres_comes_back(_: PgPoolOptionsUnused, conn
 
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(
-            app.submit_ok(&json!({"type": "sleep", "payload": {"ms": 300}}))
-                .await
-                .id,
-        );
+        ids.push(app.submit_ok(&json!({"type": "sleep", "payload": {"ms": 300}})).await.id);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.cut();
@@ -450,10 +326,9 @@ async fn workers_carry_on_after_postgres_comes_back(_: PgPoolOptionsUnused, conn
     }
 
     // Jobs cut off mid-run lose their lease and are retried; the rest run once.
-    let all_done = wait_until(Duration::from_secs(60), || async {
-        app.count_in(JobStatus::Succeeded).await == ids.len() as i64
-    })
-    .await;
+    let all_done =
+        wait_until(Duration::from_secs(60), || async { app.count_in(JobStatus::Succeeded).await == ids.len() as i64 })
+            .await;
     let statuses: Vec<(String, i32, i64)> =
         sqlx::query_as("SELECT status, attempt, count(*) FROM jobs GROUP BY status, attempt")
             .fetch_all(&app.pool)
@@ -469,10 +344,7 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let app = spawn_app_with(connect, |_| {}).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
         .arg("serve")
         .env_clear()
@@ -486,10 +358,8 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
         .spawn()
         .expect("api serve starts");
     let address = format!("127.0.0.1:{port}");
-    let up = wait_until(Duration::from_secs(20), || async {
-        tokio::net::TcpStream::connect(&address).await.is_ok()
-    })
-    .await;
+    let up =
+        wait_until(Duration::from_secs(20), || async { tokio::net::TcpStream::connect(&address).await.is_ok() }).await;
     assert!(up, "the server did not start listening");
 
     // A submission whose body is still on its way when SIGTERM arrives.
@@ -505,23 +375,14 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
     stream.write_all(&body[..5]).await.expect("part of the body");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = server.id().expect("running").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     stream.write_all(&body[5..]).await.expect("rest of the body");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.expect("an answer");
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
 
-    let exit = tokio::time::timeout(Duration::from_secs(35), server.wait())
-        .await
-        .expect("it exits")
-        .expect("status");
+    let exit = tokio::time::timeout(Duration::from_secs(35), server.wait()).await.expect("it exits").expect("status");
     assert!(exit.success(), "{exit:?}");
     assert_eq!(app.job_count().await, 1);
     // New connections are refused once it has stopped.

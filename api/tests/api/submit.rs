@@ -19,15 +19,9 @@ async fn a_submitted_job_is_committed_and_published_before_202(_: PgPoolOptionsU
     let job: shared::job::Job = response.json().await.expect("job body");
     assert_eq!(location, format!("/v1/jobs/{}", job.id));
     assert_eq!(job.status, JobStatus::Queued);
-    assert_eq!(
-        (job.kind.as_str(), job.queue.as_str(), job.tenant.as_str()),
-        ("echo", "default", "default")
-    );
+    assert_eq!((job.kind.as_str(), job.queue.as_str(), job.tenant.as_str()), ("echo", "default", "default"));
     assert_eq!(job.payload, json!({"x": 1}));
-    assert_eq!(
-        (job.priority, job.attempt, job.max_attempts, job.timeout_seconds),
-        (0, 0, 5, 300)
-    );
+    assert_eq!((job.priority, job.attempt, job.max_attempts, job.timeout_seconds), (0, 0, 5, 300));
     // Durable at 202: the row is committed and the message is already in
     // RabbitMQ (confirmed; no worker is running to take it).
     let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = $1")
@@ -70,12 +64,7 @@ async fn the_request_id_is_echoed_and_stored_on_the_job(_: PgPoolOptionsUnused, 
     assert_eq!(job.request_id.as_deref(), Some("req-abc-123"));
 
     // Without one, the API makes one up, on errors too.
-    let response = app
-        .client
-        .get(app.url("/v1/jobs/not-a-uuid"))
-        .send()
-        .await
-        .expect("sent");
+    let response = app.client.get(app.url("/v1/jobs/not-a-uuid")).send().await.expect("sent");
     assert_eq!(response.status(), 400);
     assert!(!response.headers()["x-request-id"].is_empty());
     app.stop().await;
@@ -86,19 +75,12 @@ async fn a_job_for_later_is_scheduled_and_not_published(_: PgPoolOptionsUnused, 
     let app = spawn_app(connect).await;
 
     let delayed = app.submit_ok(&json!({"type": "noop", "delay_seconds": 3600})).await;
-    let at = app
-        .submit_ok(&json!({"type": "noop", "run_at": "2999-01-01T00:00:00Z"}))
-        .await;
-    let past = app
-        .submit_ok(&json!({"type": "noop", "run_at": "2000-01-01T00:00:00Z"}))
-        .await;
+    let at = app.submit_ok(&json!({"type": "noop", "run_at": "2999-01-01T00:00:00Z"})).await;
+    let past = app.submit_ok(&json!({"type": "noop", "run_at": "2000-01-01T00:00:00Z"})).await;
 
     assert_eq!(delayed.status, JobStatus::Scheduled);
     let wait = delayed.run_at - delayed.created_at;
-    assert!(
-        (3599..=3601).contains(&wait.num_seconds()),
-        "run_at is now + delay: {wait}"
-    );
+    assert!((3599..=3601).contains(&wait.num_seconds()), "run_at is now + delay: {wait}");
     assert_eq!(at.status, JobStatus::Scheduled);
     assert_eq!(at.run_at.to_rfc3339(), "2999-01-01T00:00:00+00:00");
     assert_eq!(past.status, JobStatus::Queued, "a run_at in the past means now");
@@ -120,10 +102,7 @@ async fn submission_options_are_stored_and_the_job_goes_to_its_queue(
         }))
         .await;
 
-    assert_eq!(
-        (job.queue.as_str(), job.priority, job.max_attempts, job.timeout_seconds),
-        ("critical", 7, 2, 9)
-    );
+    assert_eq!((job.queue.as_str(), job.priority, job.max_attempts, job.timeout_seconds), ("critical", 7, 2, 9));
     assert_eq!(app.amqp.depth("critical").await, 1);
     assert_eq!(app.amqp.depth("default").await, 0);
     app.stop().await;
@@ -140,17 +119,10 @@ async fn higher_priority_jobs_run_first_within_a_queue(_: PgPoolOptionsUnused, c
 
     // One slot: the worker takes one message at a time, so start order is the queue's order.
     app.spawn_worker(&["default"], 1);
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            app.count_in(JobStatus::Succeeded).await == 6
-        })
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(30), || async { app.count_in(JobStatus::Succeeded).await == 6 }).await);
 
-    let started: Vec<i16> = sqlx::query_scalar("SELECT priority FROM jobs ORDER BY started_at")
-        .fetch_all(&app.pool)
-        .await
-        .expect("query");
+    let started: Vec<i16> =
+        sqlx::query_scalar("SELECT priority FROM jobs ORDER BY started_at").fetch_all(&app.pool).await.expect("query");
     assert_eq!(started, [9, 9, 5, 3, 1, 0]);
     app.stop().await;
 }

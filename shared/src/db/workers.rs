@@ -60,10 +60,7 @@ pub async fn heartbeat(
 }
 
 pub async fn deregister(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM workers WHERE id = $1")
-        .bind(id)
-        .execute(db)
-        .await?;
+    sqlx::query("DELETE FROM workers WHERE id = $1").bind(id).execute(db).await?;
     Ok(())
 }
 

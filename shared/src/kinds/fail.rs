@@ -37,13 +37,9 @@ impl JobKind for Fail {
     type Output = FailOutput;
 
     async fn run(payload: FailPayload, ctx: JobContext) -> Result<FailOutput, JobError> {
-        let fails = payload
-            .times
-            .is_none_or(|times| i64::from(ctx.attempt) <= i64::from(times));
+        let fails = payload.times.is_none_or(|times| i64::from(ctx.attempt) <= i64::from(times));
         match (fails, payload.retryable) {
-            (false, _) => Ok(FailOutput {
-                succeeded_on_attempt: ctx.attempt,
-            }),
+            (false, _) => Ok(FailOutput { succeeded_on_attempt: ctx.attempt }),
             (true, true) => Err(JobError::Retryable(payload.message)),
             (true, false) => Err(JobError::Permanent(payload.message)),
         }

@@ -40,10 +40,7 @@ impl JobKind for Hash {
 
     fn validate(payload: &HashPayload) -> Result<(), FieldError> {
         if !(1..=MAX_ITERATIONS).contains(&payload.iterations) {
-            return Err(FieldError::new(
-                "iterations",
-                format!("must be between 1 and {MAX_ITERATIONS}"),
-            ));
+            return Err(FieldError::new("iterations", format!("must be between 1 and {MAX_ITERATIONS}")));
         }
         Ok(())
     }
@@ -59,12 +56,8 @@ impl JobKind for Hash {
             }
             Ok(digest)
         });
-        let digest = work
-            .await
-            .map_err(|e| JobError::Retryable(format!("hash task failed: {e}")))??;
-        Ok(HashOutput {
-            digest: to_hex(&digest),
-        })
+        let digest = work.await.map_err(|e| JobError::Retryable(format!("hash task failed: {e}")))??;
+        Ok(HashOutput { digest: to_hex(&digest) })
     }
 }
 
@@ -81,9 +74,6 @@ mod tests {
 
     #[test]
     fn hex_of_sha256_matches_the_known_vector() {
-        assert_eq!(
-            to_hex(&Sha256::digest(b"abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(to_hex(&Sha256::digest(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

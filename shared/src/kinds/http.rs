@@ -95,10 +95,7 @@ impl JobKind for Http {
 
     fn validate(payload: &HttpPayload) -> Result<(), FieldError> {
         if !(1..=MAX_TIMEOUT_MS).contains(&payload.timeout_ms) {
-            return Err(FieldError::new(
-                "timeout_ms",
-                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
-            ));
+            return Err(FieldError::new("timeout_ms", format!("must be between 1 and {MAX_TIMEOUT_MS}")));
         }
         if let Some(status) = payload.expect_status
             && !(100..=599).contains(&status)
@@ -110,20 +107,15 @@ impl JobKind for Http {
 
     async fn run(payload: HttpPayload, ctx: JobContext) -> Result<HttpOutput, JobError> {
         let Request { url, method, headers } = request(&payload).map_err(|e| JobError::Permanent(e.message))?;
-        let mut builder = client()
-            .request(method, url)
-            .headers(headers)
-            .timeout(Duration::from_millis(payload.timeout_ms));
+        let mut builder =
+            client().request(method, url).headers(headers).timeout(Duration::from_millis(payload.timeout_ms));
         builder = match payload.body {
             Some(Value::String(text)) => builder.body(text),
             Some(json) => builder.json(&json),
             None => builder,
         };
         let send = async {
-            let mut response = builder
-                .send()
-                .await
-                .map_err(|e| JobError::Retryable(network_error(&e)))?;
+            let mut response = builder.send().await.map_err(|e| JobError::Retryable(network_error(&e)))?;
             let status = response.status();
             let mut body = Vec::new();
             while body.len() < MAX_BODY_BYTES {
@@ -140,21 +132,12 @@ impl JobKind for Http {
             () = ctx.cancelled() => return Err(JobError::Cancelled),
             answer = send => answer?,
         };
-        let ok = payload
-            .expect_status
-            .map_or(status.is_success(), |want| status.as_u16() == want);
+        let ok = payload.expect_status.map_or(status.is_success(), |want| status.as_u16() == want);
         if ok {
-            return Ok(HttpOutput {
-                status: status.as_u16(),
-                body,
-            });
+            return Ok(HttpOutput { status: status.as_u16(), body });
         }
         let message = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
-        if status.is_server_error() {
-            Err(JobError::Retryable(message))
-        } else {
-            Err(JobError::Permanent(message))
-        }
+        if status.is_server_error() { Err(JobError::Retryable(message)) } else { Err(JobError::Permanent(message)) }
     }
 }
 

@@ -69,10 +69,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self { path: path.into(), message: message.into() }
     }
 }
 
@@ -103,12 +100,7 @@ impl JobContext {
     /// `progress` receives every [`report_progress`](Self::report_progress); the
     /// worker writes the latest value to the job.
     pub fn new(job_id: Uuid, attempt: i32, cancel: CancellationToken, progress: watch::Sender<Option<u8>>) -> Self {
-        Self {
-            job_id,
-            attempt,
-            cancel,
-            progress,
-        }
+        Self { job_id, attempt, cancel, progress }
     }
 
     /// Resolves when the job should stop: cancelled by a client, or its worker is
@@ -139,11 +131,7 @@ pub struct Kind {
 
 impl Kind {
     pub const fn of<K: JobKind>() -> Self {
-        Self {
-            name: K::NAME,
-            validate: validate_erased::<K>,
-            run: run_erased::<K>,
-        }
+        Self { name: K::NAME, validate: validate_erased::<K>, run: run_erased::<K> }
     }
 
     /// Checks a submitted payload against the type.
@@ -179,9 +167,7 @@ pub fn field_path(path: &serde_path_to_error::Path, error: &impl std::fmt::Displ
     let parent = path.to_string();
     let parent = if parent == "." { String::new() } else { parent };
     let message = error.to_string();
-    let named = message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next());
+    let named = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
     match named {
         Some(field) if parent.is_empty() => field.to_owned(),
         Some(field) => format!("{parent}.{field}"),
@@ -219,9 +205,7 @@ mod tests {
     #[test]
     fn a_payload_mismatch_names_the_field() {
         let sleep = find("sleep").map(|k| k.validate(&serde_json::json!({"ms": "soon"})));
-        let Some(Err(err)) = sleep else {
-            panic!("accepted: {sleep:?}")
-        };
+        let Some(Err(err)) = sleep else { panic!("accepted: {sleep:?}") };
         assert_eq!(err.path, "ms");
     }
 }

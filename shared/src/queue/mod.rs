@@ -45,9 +45,7 @@ pub struct Names {
 
 impl Names {
     pub fn new(namespace: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-        }
+        Self { namespace: namespace.into() }
     }
 
     /// The RabbitMQ queue that carries Conveyor queue `queue`.
@@ -72,9 +70,6 @@ mod tests {
     fn messages_are_tagged_json() {
         let id = Uuid::nil();
         let json = serde_json::to_string(&Message::RunJob { job_id: id }).ok();
-        assert_eq!(
-            json.as_deref(),
-            Some(r#"{"kind":"run_job","job_id":"00000000-0000-0000-0000-000000000000"}"#)
-        );
+        assert_eq!(json.as_deref(), Some(r#"{"kind":"run_job","job_id":"00000000-0000-0000-0000-000000000000"}"#));
     }
 }

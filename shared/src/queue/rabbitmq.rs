@@ -32,25 +32,12 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Conne
 /// queue per name in `queues`. Idempotent; every process declares what it
 /// uses at start, so no start order is needed.
 pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator<Item = &str>) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     channel
-        .exchange_declare(
-            names.dead_letter_exchange().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
+        .exchange_declare(names.dead_letter_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(names.dead_letter_queue().into(), durable, FieldTable::default())
-        .await?;
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare(names.dead_letter_queue().into(), durable, FieldTable::default()).await?;
     channel
         .queue_bind(
             names.dead_letter_queue().into(),
@@ -66,20 +53,14 @@ pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator
         // sub-queue per level, so fewer levels would be cheaper but lossy.
         args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY as u8));
         // A rejected (unparseable) message goes to `ns.dead`, never into the void.
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(names.dead_letter_exchange().into()),
-        );
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_letter_exchange().into()));
         channel.queue_declare(names.queue(queue).into(), durable, args).await?;
     }
     Ok(())
 }
 
 fn io_timeout(what: &str) -> lapin::Error {
-    lapin::Error::from(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("timed out {what}"),
-    ))
+    lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out {what}")))
 }
 
 /// Why a publish did not get a positive confirm.
@@ -186,18 +167,9 @@ impl Publisher {
             let channel = self.channel().await?;
             // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
             // of confirming a message that went nowhere.
-            let options = BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            };
+            let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
             let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    ShortString::from(routing_key.clone()),
-                    options,
-                    &body,
-                    properties,
-                )
+                .basic_publish("".into(), ShortString::from(routing_key.clone()), options, &body, properties)
                 .await?;
             match confirm.await? {
                 Confirmation::Ack(None) => Ok(()),
@@ -205,9 +177,7 @@ impl Publisher {
                 Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
             }
         };
-        tokio::time::timeout(timeout, publish)
-            .await
-            .map_err(|_| PublishError::Timeout(timeout))?
+        tokio::time::timeout(timeout, publish).await.map_err(|_| PublishError::Timeout(timeout))?
     }
 
     /// Ready messages and consumers of Conveyor queue `queue`, by a passive
@@ -215,13 +185,9 @@ impl Publisher {
     pub async fn queue_stats(&self, queue: &str) -> lapin::Result<(u32, u32)> {
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let declared = channel
-            .queue_declare(self.inner.names.queue(queue).into(), options, FieldTable::default())
-            .await;
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declared =
+            channel.queue_declare(self.inner.names.queue(queue).into(), options, FieldTable::default()).await;
         let _ = channel.close(200, "done".into()).await;
         let declared = declared?;
         Ok((declared.message_count(), declared.consumer_count()))
@@ -254,12 +220,7 @@ pub async fn consume(
         // collides with its predecessor's consumers.
         let tag = format!("{consumer_tag_prefix}.{queue}");
         let consumer = channel
-            .basic_consume(
-                names.queue(queue).into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(names.queue(queue).into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
         consumers.push(consumer);
     }

@@ -36,12 +36,7 @@ impl Harness {
         settings.worker.reconcile_interval_ms = 100;
         let pool = PgPoolOptions::new().max_connections(16).connect_lazy_with(connect);
         let publisher = Publisher::new(&settings.amqp, vec!["default".to_owned()], "test-submitter");
-        Self {
-            settings,
-            pool,
-            publisher,
-            _amqp: amqp,
-        }
+        Self { settings, pool, publisher, _amqp: amqp }
     }
 
     /// Submits `n` jobs of `kind` the way the API does: commit, then publish with a confirm.
@@ -65,9 +60,7 @@ impl Harness {
             published.push(Enqueued::from(&job));
         }
         let ids = published.iter().map(|j| j.id).collect();
-        let report = outbox::publish(&self.publisher, &self.pool, published)
-            .await
-            .expect("publish");
+        let report = outbox::publish(&self.publisher, &self.pool, published).await.expect("publish");
         assert!(report.failed.is_empty(), "publish failed: {:?}", report.failed);
         ids
     }
@@ -81,20 +74,11 @@ impl Harness {
             .env("DATABASE_URL", &self.settings.database.url)
             .env("AMQP_URL", &self.settings.amqp.url)
             .env("CONVEYOR__AMQP__NAMESPACE", &self.settings.amqp.namespace)
-            .env(
-                "CONVEYOR__WORKER__HEARTBEAT_SECONDS",
-                worker.heartbeat_seconds.to_string(),
-            )
+            .env("CONVEYOR__WORKER__HEARTBEAT_SECONDS", worker.heartbeat_seconds.to_string())
             .env("CONVEYOR__WORKER__LEASE_SECONDS", worker.lease_seconds.to_string())
-            .env(
-                "CONVEYOR__WORKER__RECONCILE_INTERVAL_MS",
-                worker.reconcile_interval_ms.to_string(),
-            )
+            .env("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", worker.reconcile_interval_ms.to_string())
             .env("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -103,10 +87,7 @@ impl Harness {
 
     /// Starts a worker inside the test process.
     fn spawn_in_process(&self, concurrency: u16) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-        let config = WorkerConfig {
-            queues: vec!["default".to_owned()],
-            concurrency,
-        };
+        let config = WorkerConfig { queues: vec!["default".to_owned()], concurrency };
         let worker = Worker::new(self.settings.clone(), self.pool.clone(), config).expect("config");
         let stop = CancellationToken::new();
         (stop.clone(), tokio::spawn(worker.run(stop)))
@@ -126,10 +107,7 @@ impl Harness {
     async fn wait(&self, limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
         let deadline = Instant::now() + limit;
         while !done().await {
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {limit:?} waiting until {what}"
-            );
+            assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -152,10 +130,7 @@ impl Harness {
 
 fn signal(child: &Child, signal: &str) {
     let pid = child.id().expect("the worker is running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .expect("kill runs");
+    let status = std::process::Command::new("kill").args([signal, &pid]).status().expect("kill runs");
     assert!(status.success());
 }
 
@@ -176,10 +151,8 @@ async fn jobs_of_a_worker_killed_with_sigkill_are_finished_by_another(
     let _ = doomed.wait().await;
     let (stop, survivor) = h.spawn_in_process(4);
 
-    h.wait(Duration::from_secs(30), "every job succeeds", async || {
-        h.count(JobStatus::Succeeded, &ids).await == 4
-    })
-    .await;
+    h.wait(Duration::from_secs(30), "every job succeeds", async || h.count(JobStatus::Succeeded, &ids).await == 4)
+        .await;
     // Each was rescued once (its lost attempt counted) and then ran to completion once.
     assert_eq!(h.attempts(&ids).await, HashMap::from([(2, 4)]));
     let kinds: Vec<String> = sqlx::query_scalar("SELECT error->>'kind' FROM jobs WHERE id = ANY($1)")
@@ -204,36 +177,20 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
     let short = h.submit(2, "sleep", json!({"ms": 1000})).await;
     let long = h.submit(2, "sleep", json!({"ms": 6_000})).await;
     let all: Vec<Uuid> = short.iter().chain(&long).copied().collect();
-    h.wait(Duration::from_secs(20), "the worker runs all four", async || {
-        h.count(JobStatus::Running, &all).await == 4
-    })
-    .await;
+    h.wait(Duration::from_secs(20), "the worker runs all four", async || h.count(JobStatus::Running, &all).await == 4)
+        .await;
     // More work arrives that the stopping worker has prefetched but not started.
     let waiting = h.submit(3, "noop", json!({})).await;
 
     let stopped_at = Instant::now();
     signal(&stopping, "-TERM");
-    let exit = tokio::time::timeout(Duration::from_secs(15), stopping.wait())
-        .await
-        .expect("it exits")
-        .expect("status");
+    let exit = tokio::time::timeout(Duration::from_secs(15), stopping.wait()).await.expect("it exits").expect("status");
     assert!(exit.success(), "a clean exit: {exit:?}");
     let took = stopped_at.elapsed();
-    assert!(
-        took < Duration::from_secs(6),
-        "it stopped within its grace period: {took:?}"
-    );
-    assert_eq!(
-        h.count(JobStatus::Succeeded, &short).await,
-        2,
-        "short jobs finished during the grace period"
-    );
+    assert!(took < Duration::from_secs(6), "it stopped within its grace period: {took:?}");
+    assert_eq!(h.count(JobStatus::Succeeded, &short).await, 2, "short jobs finished during the grace period");
     assert_eq!(h.count(JobStatus::Queued, &long).await, 2, "long jobs were handed back");
-    assert_eq!(
-        h.attempts(&long).await,
-        HashMap::from([(0, 2)]),
-        "the interrupted attempt is not counted"
-    );
+    assert_eq!(h.attempts(&long).await, HashMap::from([(0, 2)]), "the interrupted attempt is not counted");
 
     let (stop, survivor) = h.spawn_in_process(4);
     let everything: Vec<Uuid> = all.iter().chain(&waiting).copied().collect();
@@ -241,11 +198,7 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
         h.count(JobStatus::Succeeded, &everything).await == everything.len()
     })
     .await;
-    assert_eq!(
-        h.attempts(&everything).await,
-        HashMap::from([(1, 7)]),
-        "none ran twice to completion"
-    );
+    assert_eq!(h.attempts(&everything).await, HashMap::from([(1, 7)]), "none ran twice to completion");
     stop.cancel();
     survivor.await.expect("joined").expect("clean stop");
     h.close().await;
