@@ -21,10 +21,7 @@ pub struct FieldProblem {
 
 impl FieldProblem {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -63,6 +60,42 @@ pub enum ApiError {
     /// 500 unless the database error says the database is unreachable (503).
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// 500: a failure whose cause is logged, not shown.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A database failure shared by every request of one batched statement
+/// (see [`shared::batch`]): cloneable, and still telling "unreachable" (503)
+/// from everything else (500).
+#[derive(Debug, Clone)]
+pub enum SharedDbError {
+    Unavailable(String),
+    Failed(String),
+}
+
+impl From<sqlx::Error> for SharedDbError {
+    fn from(e: sqlx::Error) -> Self {
+        if db_unavailable(&e) { Self::Unavailable(e.to_string()) } else { Self::Failed(format!("{e:?}")) }
+    }
+}
+
+impl From<shared::batch::BatchFailure> for SharedDbError {
+    fn from(failure: shared::batch::BatchFailure) -> Self {
+        Self::Failed(String::from(failure))
+    }
+}
+
+impl From<SharedDbError> for ApiError {
+    fn from(e: SharedDbError) -> Self {
+        match e {
+            SharedDbError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                Self::Unavailable("the database is unavailable; retry shortly".to_owned())
+            }
+            SharedDbError::Failed(cause) => Self::Internal(cause),
+        }
+    }
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -82,7 +115,7 @@ impl ApiError {
             Self::Validation(_) => "validation-error",
             Self::Unavailable(_) => "service-unavailable",
             Self::Db(e) if db_unavailable(e) => "service-unavailable",
-            Self::Db(_) => "internal-error",
+            Self::Db(_) | Self::Internal(_) => "internal-error",
         }
     }
 }
@@ -95,8 +128,7 @@ fn db_unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => {
             // Class 08: connection exception; 57P01-03: admin shutdown, crash, cannot connect now.
-            db.code()
-                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
+            db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
         }
         _ => false,
     }
@@ -127,7 +159,7 @@ impl ResponseError for ApiError {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(e) if db_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -140,6 +172,10 @@ impl ResponseError for ApiError {
             }
             Self::Db(e) => {
                 tracing::error!(error = ?e, "database error");
+                "internal error".to_owned()
+            }
+            Self::Internal(cause) => {
+                tracing::error!(error = %cause, "internal error");
                 "internal error".to_owned()
             }
             Self::Validation(errors) => {
@@ -160,10 +196,7 @@ impl ResponseError for ApiError {
             errors,
         };
         let mut response = HttpResponse::build(status);
-        response.insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        ));
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
         if status == StatusCode::UNAUTHORIZED {
             // RFC 6750 §3: tell the client which scheme to use.
             response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));

@@ -13,7 +13,11 @@ use shared::outbox::Recorder;
 use shared::queue::Publisher;
 use sqlx::PgPool;
 
+use shared::batch::Batcher;
+use shared::job::{Job, NewJob};
+
 use crate::auth::Authenticator;
+use crate::error::SharedDbError;
 use crate::routes;
 
 /// What every request handler can reach.
@@ -21,6 +25,8 @@ pub struct AppState {
     pub settings: Settings,
     pub pool: PgPool,
     pub publisher: Publisher,
+    /// Inserts submitted jobs, those arriving together in one statement.
+    pub inserter: Batcher<NewJob, Job, SharedDbError>,
     /// Records confirmed publishes in batches (see [`shared::outbox`]).
     pub recorder: Recorder,
     pub auth: Authenticator,
@@ -48,11 +54,7 @@ impl Application {
         let listener = TcpListener::bind(&address).with_context(|| format!("Failed to bind {address}"))?;
         let port = listener.local_addr()?.port();
         let queues = settings.queues.keys().cloned().collect();
-        let publisher = Publisher::new(
-            &settings.amqp,
-            queues,
-            &format!("conveyor-api-{}", uuid::Uuid::now_v7()),
-        );
+        let publisher = Publisher::new(&settings.amqp, queues, &format!("conveyor-api-{}", uuid::Uuid::now_v7()));
         if !publisher.is_ready().await {
             tracing::warn!("RabbitMQ is not reachable yet; jobs are accepted and published once it is");
         }
@@ -61,18 +63,10 @@ impl Application {
             n => n,
         };
         let recorder = Recorder::spawn(pool.clone());
-        let state = web::Data::new(AppState {
-            settings,
-            pool,
-            publisher,
-            recorder,
-            auth,
-        });
+        let inserter = inserter(pool.clone());
+        let state = web::Data::new(AppState { settings, pool, publisher, inserter, recorder, auth });
         let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .wrap(from_fn(routes::request_id))
-                .configure(routes::configure)
+            App::new().app_data(state.clone()).wrap(from_fn(routes::request_id)).configure(routes::configure)
         })
         .workers(workers)
         .listen(listener)?
@@ -95,4 +89,14 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// Submissions per insert statement at most.
+const INSERT_BATCH: usize = 256;
+
+fn inserter(pool: PgPool) -> Batcher<NewJob, Job, SharedDbError> {
+    Batcher::spawn(INSERT_BATCH, move |jobs: Vec<NewJob>| {
+        let pool = pool.clone();
+        async move { Ok(shared::db::jobs::insert_many(&pool, &jobs).await?) }
+    })
 }

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`batch`]: timer-less batching of database writes.
 //! - [`cli`]: argument parsing with one-line usage errors.
 //! - [`config`]: layered settings (defaults, file, environment), validated once.
 //! - [`job`]: job states, the stored job, failures.
@@ -14,6 +15,7 @@
 //! - [`telemetry`]: logging set-up.
 //! - `testing` (feature `test-util`): per-test namespaces for integration tests.
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -45,10 +45,7 @@ impl SubmitRequest {
         let kind = kinds::find(&self.kind);
         if kind.is_none() {
             let known: Vec<_> = kinds::KINDS.iter().map(|k| k.name).collect();
-            problems.push(FieldProblem::new(
-                "type",
-                format!("unknown job type; known: {}", known.join(", ")),
-            ));
+            problems.push(FieldProblem::new("type", format!("unknown job type; known: {}", known.join(", "))));
         }
         let payload = self.payload.unwrap_or_else(|| Value::Object(Map::new()));
         if !payload.is_object() {
@@ -56,20 +53,13 @@ impl SubmitRequest {
         } else if let Some(kind) = kind
             && let Err(e) = kind.validate(&payload)
         {
-            let field = if e.path.is_empty() {
-                "payload".to_owned()
-            } else {
-                format!("payload.{}", e.path)
-            };
+            let field = if e.path.is_empty() { "payload".to_owned() } else { format!("payload.{}", e.path) };
             problems.push(FieldProblem::new(field, e.message));
         }
         let queue = self.queue.unwrap_or_else(|| "default".to_owned());
         if !settings.queues.contains_key(&queue) {
             let known: Vec<_> = settings.queues.keys().map(String::as_str).collect();
-            problems.push(FieldProblem::new(
-                "queue",
-                format!("unknown queue; known: {}", known.join(", ")),
-            ));
+            problems.push(FieldProblem::new("queue", format!("unknown queue; known: {}", known.join(", "))));
         }
         let mut bounded = |field: &str, value: Option<i64>, default: i32, (min, max): (i64, i64)| {
             let value = value.unwrap_or(i64::from(default));
@@ -97,18 +87,12 @@ impl SubmitRequest {
         );
         let run_at = match (self.run_at, self.delay_seconds) {
             (Some(_), Some(_)) => {
-                problems.push(FieldProblem::new(
-                    "delay_seconds",
-                    "give run_at or delay_seconds, not both",
-                ));
+                problems.push(FieldProblem::new("delay_seconds", "give run_at or delay_seconds, not both"));
                 None
             }
             (Some(at), None) => Some(at),
             (None, Some(delay)) if delay > MAX_DELAY_SECONDS => {
-                problems.push(FieldProblem::new(
-                    "delay_seconds",
-                    format!("must be at most {MAX_DELAY_SECONDS}"),
-                ));
+                problems.push(FieldProblem::new("delay_seconds", format!("must be at most {MAX_DELAY_SECONDS}")));
                 None
             }
             (None, Some(delay)) => Some(Utc::now() + Duration::from_secs(delay)),
@@ -144,13 +128,12 @@ pub async fn submit(
     let request: SubmitRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
     let mut new_job = request.validate(&state.settings, caller.tenant)?;
     new_job.request_id = RequestId::of(&req);
-    let job = jobs::insert(&state.pool, &new_job).await?;
+    // Submissions arriving together share one insert and one commit.
+    let job = state.inserter.call(new_job).await?;
     if job.status == JobStatus::Queued {
         publish(&state, vec![Enqueued::from(&job)]).await;
     }
-    Ok(HttpResponse::Accepted()
-        .insert_header((header::LOCATION, format!("/v1/jobs/{}", job.id)))
-        .json(&job))
+    Ok(HttpResponse::Accepted().insert_header((header::LOCATION, format!("/v1/jobs/{}", job.id))).json(&job))
 }
 
 /// Publishes committed jobs. The rows are committed, so the jobs are accepted
@@ -171,9 +154,7 @@ pub async fn get(caller: Caller, state: web::Data<AppState>, id: web::Path<Strin
 /// a job that does not exist: its existence is not revealed.
 async fn find(state: &AppState, caller: &Caller, raw_id: &str) -> Result<Job, ApiError> {
     let id = parse_id(raw_id)?;
-    jobs::get(&state.pool, &caller.tenant, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+    jobs::get(&state.pool, &caller.tenant, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: scheduled, queued and retrying jobs are
@@ -188,10 +169,7 @@ pub async fn cancel(
     let id = parse_id(&id)?;
     match jobs::cancel(&state.pool, &caller.tenant, id).await? {
         Cancel::Cancelled(job) | Cancel::Requested(job) => Ok(HttpResponse::Ok().json(&job)),
-        Cancel::Terminal(job) => Err(ApiError::Conflict(format!(
-            "job {id} has already ended: {}",
-            job.status
-        ))),
+        Cancel::Terminal(job) => Err(ApiError::Conflict(format!("job {id} has already ended: {}", job.status))),
         Cancel::NotFound => Err(ApiError::NotFound(format!("no job {id}"))),
     }
 }
@@ -255,10 +233,7 @@ pub async fn list(caller: Caller, state: web::Data<AppState>, req: HttpRequest) 
         Some(Ok(status)) => Some(status),
         Some(Err(_)) => {
             let known: Vec<_> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
-            problems.push(FieldProblem::new(
-                "status",
-                format!("must be one of {}", known.join(", ")),
-            ));
+            problems.push(FieldProblem::new("status", format!("must be one of {}", known.join(", "))));
             None
         }
     };
@@ -266,10 +241,7 @@ pub async fn list(caller: Caller, state: web::Data<AppState>, req: HttpRequest) 
         None => DEFAULT_LIST_LIMIT,
         Some(Ok(limit)) if (1..=MAX_LIST_LIMIT).contains(&limit) => limit,
         Some(_) => {
-            problems.push(FieldProblem::new(
-                "limit",
-                format!("must be an integer between 1 and {MAX_LIST_LIMIT}"),
-            ));
+            problems.push(FieldProblem::new("limit", format!("must be an integer between 1 and {MAX_LIST_LIMIT}")));
             DEFAULT_LIST_LIMIT
         }
     };
@@ -283,25 +255,13 @@ pub async fn list(caller: Caller, state: web::Data<AppState>, req: HttpRequest) 
     };
     if !problems.is_empty() {
         let fields: Vec<_> = problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
-        return Err(ApiError::BadRequest(format!(
-            "invalid query parameters: {}",
-            fields.join("; ")
-        )));
+        return Err(ApiError::BadRequest(format!("invalid query parameters: {}", fields.join("; "))));
     }
-    let filter = ListFilter {
-        status,
-        kind: query.kind,
-        queue: query.queue,
-        before,
-    };
+    let filter = ListFilter { status, kind: query.kind, queue: query.queue, before };
     // One row more than asked tells whether another page exists.
     let mut jobs = jobs::list(&state.pool, Some(&caller.tenant), &filter, limit + 1).await?;
     let more = jobs.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     jobs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = if more {
-        jobs.last().map(|job| job.id.to_string())
-    } else {
-        None
-    };
+    let next_cursor = if more { jobs.last().map(|job| job.id.to_string()) } else { None };
     Ok(HttpResponse::Ok().json(JobPage { jobs, next_cursor }))
 }

@@ -22,28 +22,47 @@ macro_rules! job_columns {
 /// Inserts a job: `scheduled` when its `run_at` is in the future (by the
 /// database's clock, the only one all replicas share), else `queued`.
 pub async fn insert(db: impl PgExecutor<'_>, job: &NewJob) -> sqlx::Result<Job> {
-    sqlx::query_as(concat!(
+    insert_many(db, std::slice::from_ref(job)).await?.pop().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Inserts many jobs in one statement (see [`insert`]); returns them in the
+/// order given.
+pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Result<Vec<Job>> {
+    let mut inserted: Vec<Job> = sqlx::query_as(concat!(
         "INSERT INTO jobs (id, tenant, queue, type, payload, status, priority, max_attempts, \
                            timeout_seconds, run_at, idempotency_key, request_id) \
-         VALUES ($1, $2, $3, $4, $5, \
-                 CASE WHEN $8::timestamptz > now() THEN 'scheduled' ELSE 'queued' END, \
-                 $6, $7, $9, COALESCE($8, now()), $10, $11) \
+         SELECT id, tenant, queue, type, payload, \
+                CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END, \
+                priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int2[], $7::int4[], \
+                     $8::int4[], $9::timestamptz[], $10::text[], $11::text[]) \
+              AS t(id, tenant, queue, type, payload, priority, max_attempts, timeout_seconds, run_at, \
+                   idempotency_key, request_id) \
          RETURNING ",
         job_columns!()
     ))
-    .bind(job.id)
-    .bind(&job.tenant)
-    .bind(&job.queue)
-    .bind(&job.kind)
-    .bind(Json(&job.payload))
-    .bind(job.priority)
-    .bind(job.max_attempts)
-    .bind(job.run_at)
-    .bind(job.timeout_seconds)
-    .bind(&job.idempotency_key)
-    .bind(&job.request_id)
-    .fetch_one(db)
-    .await
+    .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.queue.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| Json(&j.payload)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.max_attempts).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.timeout_seconds).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.idempotency_key.as_deref()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.request_id.as_deref()).collect::<Vec<_>>())
+    .fetch_all(db)
+    .await?;
+    // RETURNING does not promise the input's order.
+    let mut ordered = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match inserted.iter().position(|row| row.id == job.id) {
+            Some(i) => ordered.push(inserted.swap_remove(i)),
+            None => return Err(sqlx::Error::RowNotFound),
+        }
+    }
+    Ok(ordered)
 }
 
 /// Records that RabbitMQ confirmed these jobs' messages, taking them out of
@@ -67,12 +86,7 @@ pub struct Enqueued {
 
 impl From<&Job> for Enqueued {
     fn from(job: &Job) -> Self {
-        Self {
-            id: job.id,
-            queue: job.queue.clone(),
-            priority: job.priority,
-            request_id: job.request_id.clone(),
-        }
+        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, request_id: job.request_id.clone() }
     }
 }
 
@@ -115,8 +129,7 @@ pub struct RequeueFilter {
 }
 
 fn requeue_candidates(sql: &mut QueryBuilder<Postgres>, filter: &RequeueFilter, after: Option<Uuid>, limit: i64) {
-    sql.push("SELECT id FROM jobs WHERE status = ")
-        .push_bind(filter.status.as_str());
+    sql.push("SELECT id FROM jobs WHERE status = ").push_bind(filter.status.as_str());
     if let Some(kind) = &filter.kind {
         sql.push(" AND type = ").push_bind(kind);
     }
@@ -221,9 +234,7 @@ pub async fn cancel(db: &sqlx::PgPool, tenant: &str, id: Uuid) -> sqlx::Result<C
             None => return Ok(Cancel::NotFound),
         }
     }
-    Err(sqlx::Error::Protocol(
-        "the job kept changing state while being cancelled".into(),
-    ))
+    Err(sqlx::Error::Protocol("the job kept changing state while being cancelled".into()))
 }
 
 /// One of `tenant`'s jobs; another tenant's id is simply not found.
@@ -233,23 +244,17 @@ pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> sqlx::Resul
 
 /// A job of `tenant`, or of any tenant when `None` (operators).
 pub async fn get_scoped(db: impl PgExecutor<'_>, tenant: Option<&str>, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(concat!(
-        "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
-    ))
-    .bind(id)
-    .bind(tenant)
-    .fetch_optional(db)
-    .await
+    sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(db)
+        .await
 }
 
 /// The statuses of those of `ids` that exist.
 pub async fn statuses(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<Vec<(Uuid, JobStatus)>> {
-    let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM jobs WHERE id = ANY($1)")
-        .bind(ids)
-        .fetch_all(db)
-        .await?;
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM jobs WHERE id = ANY($1)").bind(ids).fetch_all(db).await?;
     rows.into_iter()
         .map(|(id, status)| Ok((id, status.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?)))
         .collect()
@@ -479,13 +484,9 @@ pub async fn unpublished(db: impl PgExecutor<'_>, grace_seconds: i32, limit: i64
 
 /// The status of a job, when it exists.
 pub async fn status(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<JobStatus>> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await?;
-    status
-        .map(|s| s.parse().map_err(|e| sqlx::Error::Decode(Box::new(e))))
-        .transpose()
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1").bind(id).fetch_optional(db).await?;
+    status.map(|s| s.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))).transpose()
 }
 
 /// How a running attempt ended.
