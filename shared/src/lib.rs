@@ -27,3 +27,14 @@ pub mod signal;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
+
+/// Lower-case hexadecimal of `bytes` (digests, key secrets).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}

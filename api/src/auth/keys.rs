@@ -2,8 +2,6 @@
 //! the prefix is public (shown in `api keys list`, used to find the row), the
 //! whole token is stored only as its SHA-256.
 
-use std::fmt::Write as _;
-
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -38,13 +36,6 @@ pub struct StoredKey {
     pub secret_hash: Vec<u8>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 /// The SHA-256 of a token, as stored.
 pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -54,8 +45,8 @@ pub fn hash(token: &str) -> [u8; 32] {
 pub fn prefix_of(token: &str) -> Option<&str> {
     let rest = token.strip_prefix(TOKEN_PREFIX)?;
     let (prefix, secret) = rest.split_once('_')?;
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(prefix, 12) && hex(secret, 64)).then_some(prefix)
+    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (is_hex(prefix, 12) && is_hex(secret, 64)).then_some(prefix)
 }
 
 /// Whether `token` is the one whose hash is `stored`, in time independent of
@@ -72,8 +63,8 @@ pub async fn create(
     name: Option<&str>,
     scopes: Scopes,
 ) -> sqlx::Result<(ApiKey, String)> {
-    let prefix = hex(&rand::random::<[u8; 6]>());
-    let token = format!("{TOKEN_PREFIX}{prefix}_{}", hex(&rand::random::<[u8; 32]>()));
+    let prefix = shared::hex(&rand::random::<[u8; 6]>());
+    let token = format!("{TOKEN_PREFIX}{prefix}_{}", shared::hex(&rand::random::<[u8; 32]>()));
     let key = sqlx::query_as(
         "INSERT INTO api_keys (id, tenant, name, prefix, secret_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6) \
          RETURNING id, tenant, name, prefix, scopes, created_at, revoked_at",

@@ -1,8 +1,6 @@
 //! `hash`: SHA-256 applied `iterations` times, the model of a CPU-bound job.
 //! It runs on tokio's blocking pool so that it never stalls the async workers.
 
-use std::fmt::Write as _;
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -57,15 +55,8 @@ impl JobKind for Hash {
             Ok(digest)
         });
         let digest = work.await.map_err(|e| JobError::Retryable(format!("hash task failed: {e}")))??;
-        Ok(HashOutput { digest: to_hex(&digest) })
+        Ok(HashOutput { digest: crate::hex(&digest) })
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[cfg(test)]
@@ -74,6 +65,9 @@ mod tests {
 
     #[test]
     fn hex_of_sha256_matches_the_known_vector() {
-        assert_eq!(to_hex(&Sha256::digest(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            crate::hex(&Sha256::digest(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }
