@@ -2,6 +2,8 @@
 //! the listener already bound, so tests can ask for port 0 and read the port.
 
 use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
@@ -17,6 +19,7 @@ use shared::batch::Batcher;
 use shared::job::{Job, NewJob};
 
 use crate::auth::Authenticator;
+use crate::cache::EndedJobs;
 use crate::error::SharedDbError;
 use crate::routes;
 
@@ -30,6 +33,8 @@ pub struct AppState {
     /// Records confirmed publishes in batches (see [`shared::outbox`]).
     pub recorder: Recorder,
     pub auth: Authenticator,
+    /// Ended jobs served from memory (see [`crate::cache`]).
+    pub ended: Arc<EndedJobs>,
 }
 
 pub struct Application {
@@ -64,7 +69,11 @@ impl Application {
         };
         let recorder = Recorder::spawn(pool.clone());
         let inserter = inserter(pool.clone());
-        let state = web::Data::new(AppState { settings, pool, publisher, inserter, recorder, auth });
+        let http = &settings.http;
+        let ended =
+            Arc::new(EndedJobs::new(Duration::from_secs(u64::from(http.ended_cache_seconds)), http.ended_cache_bytes));
+        ended.spawn_listener(pool.clone(), Duration::from_millis(500));
+        let state = web::Data::new(AppState { settings, pool, publisher, inserter, recorder, auth, ended });
         let server = HttpServer::new(move || {
             App::new().app_data(state.clone()).wrap(from_fn(routes::request_id)).configure(routes::configure)
         })

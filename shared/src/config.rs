@@ -62,6 +62,8 @@ pub struct HttpSettings {
     pub port: u16,
     pub workers: usize,
     pub body_limit_bytes: usize,
+    pub ended_cache_seconds: u32,
+    pub ended_cache_bytes: usize,
 }
 
 #[derive(Clone, Deserialize)]

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::RequestId;
 use crate::auth::{Caller, Scope};
 use crate::body::read_json;
+use crate::cache::Rendered;
 use crate::error::{ApiError, FieldProblem};
 use crate::startup::AppState;
 
@@ -143,18 +144,101 @@ async fn publish(state: &AppState, jobs: Vec<Enqueued>) {
     outbox::publish_recorded(&state.publisher, &state.recorder, jobs).await;
 }
 
-/// `GET /v1/jobs/{id}`.
-pub async fn get(caller: Caller, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+/// `GET /v1/jobs/{id}`, with an `ETag` (`If-None-Match` → 304) and caching
+/// headers: an ended job may be cached, a live one is polled (SPEC §4).
+/// Ended jobs come from memory when they were read recently.
+pub async fn get(
+    caller: Caller,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(Scope::JobsRead)?;
-    let job = find(&state, &caller, &id).await?;
-    Ok(HttpResponse::Ok().json(&job))
+    let id = parse_id(&id)?;
+    let max_age = state.settings.http.ended_cache_seconds;
+    if let Some(entry) = state.ended.get(id) {
+        // Another tenant's job is "not found", exactly as from the database.
+        if entry.tenant != caller.tenant {
+            return Err(not_found(id));
+        }
+        let mut response = respond(&req, &entry.rendered, Freshness::Ended { max_age });
+        // Served from memory: say how old it is, as any cache would (RFC 9111).
+        response.headers_mut().insert(header::AGE, header::HeaderValue::from(entry.age()));
+        return Ok(response);
+    }
+    let ticket = state.ended.ticket();
+    let job = jobs::get(&state.pool, &caller.tenant, id).await?.ok_or_else(|| not_found(id))?;
+    let rendered = Rendered::of(&job).map_err(|e| ApiError::Internal(format!("rendering job {id}: {e}")))?;
+    let freshness = Freshness::of(&job, max_age);
+    let response = respond(&req, &rendered, freshness);
+    if matches!(freshness, Freshness::Ended { .. }) {
+        state.ended.insert(ticket, id, &caller.tenant, rendered);
+    }
+    Ok(response)
+}
+
+/// What a client may assume about a job it just read.
+#[derive(Debug, Clone, Copy)]
+enum Freshness {
+    /// Immutable (short of an operator's requeue): cache it this long.
+    Ended { max_age: u32 },
+    /// Still moving: revalidate, and poll again after this many seconds.
+    Live { retry_after: u32 },
+}
+
+impl Freshness {
+    fn of(job: &Job, max_age: u32) -> Self {
+        if job.status.is_terminal() {
+            return Self::Ended { max_age };
+        }
+        // A job waiting for its time will not change before then (short of a
+        // cancel): no point polling sooner, though never wait over a minute.
+        let until_due = (job.run_at - Utc::now()).num_seconds().clamp(1, 60);
+        let retry_after = match job.status {
+            JobStatus::Scheduled | JobStatus::Retrying => until_due,
+            _ => 1,
+        };
+        Self::Live { retry_after: u32::try_from(retry_after).unwrap_or(1) }
+    }
+}
+
+fn respond(req: &HttpRequest, rendered: &Rendered, freshness: Freshness) -> HttpResponse {
+    let not_modified = matches_etag(req, &rendered.etag);
+    let mut response = if not_modified { HttpResponse::NotModified() } else { HttpResponse::Ok() };
+    response.insert_header((header::ETAG, rendered.etag.as_str()));
+    match freshness {
+        Freshness::Ended { max_age } => {
+            response.insert_header((header::CACHE_CONTROL, format!("private, max-age={max_age}")));
+        }
+        Freshness::Live { retry_after } => {
+            response.insert_header((header::CACHE_CONTROL, "no-cache"));
+            response.insert_header((header::RETRY_AFTER, retry_after.to_string()));
+        }
+    }
+    if not_modified {
+        return response.finish();
+    }
+    response.content_type(header::ContentType::json()).body(rendered.body.clone())
+}
+
+/// Whether the request's `If-None-Match` names `etag` (weak comparison, as
+/// RFC 9110 asks for this header) or is `*`.
+fn matches_etag(req: &HttpRequest, etag: &str) -> bool {
+    let Some(value) = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    value.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
+fn not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no job {id}"))
 }
 
 /// One of the caller's jobs. Another tenant's job is "not found", exactly like
 /// a job that does not exist: its existence is not revealed.
 async fn find(state: &AppState, caller: &Caller, raw_id: &str) -> Result<Job, ApiError> {
     let id = parse_id(raw_id)?;
-    jobs::get(&state.pool, &caller.tenant, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+    jobs::get(&state.pool, &caller.tenant, id).await?.ok_or_else(|| not_found(id))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: scheduled, queued and retrying jobs are
@@ -170,7 +254,7 @@ pub async fn cancel(
     match jobs::cancel(&state.pool, &caller.tenant, id).await? {
         Cancel::Cancelled(job) | Cancel::Requested(job) => Ok(HttpResponse::Ok().json(&job)),
         Cancel::Terminal(job) => Err(ApiError::Conflict(format!("job {id} has already ended: {}", job.status))),
-        Cancel::NotFound => Err(ApiError::NotFound(format!("no job {id}"))),
+        Cancel::NotFound => Err(not_found(id)),
     }
 }
 
@@ -190,6 +274,9 @@ pub async fn requeue(
             job.id, job.status
         )));
     }
+    // Other replicas hear of it from Postgres; this one must not answer the
+    // caller's next GET from a cache the notification has not reached yet.
+    state.ended.clear();
     publish(&state, moved).await;
     let job = find(&state, &caller, &id).await?;
     Ok(HttpResponse::Ok().json(&job))

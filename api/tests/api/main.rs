@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth;
+mod caching;
 mod cli;
 mod compose;
 mod errors;

@@ -14,6 +14,10 @@ pub mod workers;
 /// cancelled; the payload is the job id.
 pub const CANCEL_CHANNEL: &str = "conveyor_cancel";
 
+/// The `NOTIFY` channel on which Postgres itself (a trigger) announces that an
+/// ended job changed or was deleted: a requeue or a prune. No payload.
+pub const ENDED_CHANGED_CHANNEL: &str = "conveyor_ended_changed";
+
 /// The migrations in `migrations/`, compiled in so a binary can migrate alone.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 

@@ -1,0 +1,248 @@
+//! Ended jobs kept in memory, already rendered, so that clients polling a
+//! finished job are answered without a round trip to Postgres.
+//!
+//! An ended job (succeeded, failed, cancelled) is immutable to clients (SPEC
+//! §4), with two exceptions, both operator actions: a requeue and a prune.
+//! Postgres announces either on [`ENDED_CHANGED_CHANNEL`] from a trigger, so
+//! every path is covered (another replica, the CLI, psql), and the cache
+//! empties itself when it hears it. It serves only while it is listening: when
+//! the `LISTEN` connection is lost, notifications sent meanwhile are lost too,
+//! so the cache empties and stays off until it listens again.
+//!
+//! A read that races an invalidation must not store what it read before it:
+//! take a [`Ticket`] before reading from Postgres and store with it; the entry
+//! is dropped if the cache was emptied in between.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use actix_web::web::Bytes;
+use sha2::{Digest, Sha256};
+use shared::db::ENDED_CHANGED_CHANNEL;
+use shared::job::Job;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
+
+/// A job as the API sends it: the JSON body and its strong `ETag`.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub body: Bytes,
+    pub etag: String,
+}
+
+impl Rendered {
+    pub fn of(job: &Job) -> serde_json::Result<Self> {
+        let body = serde_json::to_vec(job)?;
+        // A digest of the body itself: equal bodies, equal tags, on every replica.
+        let digest = Sha256::digest(&body);
+        let etag = format!("\"{}\"", shared::hex(&digest[..16]));
+        Ok(Self { body: Bytes::from(body), etag })
+    }
+}
+
+/// A cached ended job and whose it is.
+#[derive(Debug)]
+pub struct Entry {
+    pub tenant: String,
+    pub rendered: Rendered,
+    stored_at: Instant,
+}
+
+impl Entry {
+    /// Seconds since it was read from Postgres (the `Age` header).
+    pub fn age(&self) -> u64 {
+        self.stored_at.elapsed().as_secs()
+    }
+
+    fn size(&self) -> usize {
+        // Map slot, queue slot and allocation headers, roughly.
+        self.rendered.body.len() + self.rendered.etag.len() + self.tenant.len() + 128
+    }
+}
+
+/// Proof of the cache's state before a read from Postgres; see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
+
+/// Recently read ended jobs, bounded in bytes and in age.
+#[derive(Debug)]
+pub struct EndedJobs {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Bumped whenever the cache is emptied or turned on or off.
+    generation: u64,
+    listening: bool,
+    entries: HashMap<Uuid, Arc<Entry>>,
+    /// Insertion order, for eviction. May name ids already gone from `entries`.
+    order: VecDeque<Uuid>,
+    bytes: usize,
+}
+
+impl EndedJobs {
+    /// A cache that keeps entries for `ttl` within `max_bytes`; off until
+    /// [`EndedJobs::spawn_listener`] has its `LISTEN` in place. A zero `ttl`
+    /// or `max_bytes` keeps nothing.
+    pub fn new(ttl: Duration, max_bytes: usize) -> Self {
+        Self { inner: Mutex::new(Inner::default()), ttl, max_bytes }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The critical sections cannot leave the map half-updated.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<Arc<Entry>> {
+        let mut inner = self.lock();
+        let entry = inner.entries.get(&id)?;
+        if entry.stored_at.elapsed() < self.ttl {
+            return Some(Arc::clone(entry));
+        }
+        let size = entry.size();
+        inner.entries.remove(&id);
+        inner.bytes -= size;
+        None
+    }
+
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.lock().generation)
+    }
+
+    /// Stores an ended job read after `ticket` was taken, unless the cache
+    /// was emptied since (the read may predate the change that emptied it).
+    pub fn insert(&self, ticket: Ticket, id: Uuid, tenant: &str, rendered: Rendered) {
+        let entry = Entry { tenant: tenant.to_owned(), rendered, stored_at: Instant::now() };
+        let size = entry.size();
+        // One big job must not push out hundreds of small ones.
+        if size > self.max_bytes / 64 {
+            return;
+        }
+        let mut inner = self.lock();
+        if !inner.listening || inner.generation != ticket.0 || inner.entries.contains_key(&id) {
+            return;
+        }
+        while inner.bytes + size > self.max_bytes {
+            let Some(oldest) = inner.order.pop_front() else { break };
+            if let Some(evicted) = inner.entries.remove(&oldest) {
+                inner.bytes -= evicted.size();
+            }
+        }
+        inner.entries.insert(id, Arc::new(entry));
+        inner.order.push_back(id);
+        inner.bytes += size;
+    }
+
+    /// Forgets every entry (and voids outstanding tickets).
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        Self::empty(&mut inner);
+    }
+
+    fn set_listening(&self, listening: bool) {
+        let mut inner = self.lock();
+        inner.listening = listening;
+        Self::empty(&mut inner);
+    }
+
+    fn empty(inner: &mut Inner) {
+        inner.generation += 1;
+        inner.entries.clear();
+        inner.order.clear();
+        inner.bytes = 0;
+    }
+
+    /// Listens for changes to ended jobs for as long as the process runs,
+    /// reconnecting after `backoff` when the connection is lost. A disabled
+    /// cache (zero ttl or size) does not listen at all.
+    pub fn spawn_listener(self: &Arc<Self>, pool: PgPool, backoff: Duration) {
+        if self.ttl.is_zero() || self.max_bytes == 0 {
+            return;
+        }
+        let cache = Arc::clone(self);
+        tokio::spawn(async move {
+            // Until the pool is closed: the process (or a test's app) is stopping.
+            while !pool.is_closed() {
+                if let Err(e) = cache.listen(&pool).await {
+                    tracing::debug!(error = %e, "ended-job listener lost; cache off until it is back");
+                }
+                cache.set_listening(false);
+                tokio::time::sleep(backoff).await;
+            }
+        });
+    }
+
+    async fn listen(&self, pool: &PgPool) -> sqlx::Result<()> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(ENDED_CHANGED_CHANNEL).await?;
+        self.set_listening(true);
+        // `None`: the connection was lost (the listener would reconnect on the
+        // next call, silently, without our knowing what was missed).
+        while listener.try_recv().await?.is_some() {
+            self.clear();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(body: &str) -> Rendered {
+        Rendered { body: Bytes::copy_from_slice(body.as_bytes()), etag: "\"x\"".to_owned() }
+    }
+
+    fn listening(ttl: Duration, max_bytes: usize) -> EndedJobs {
+        let cache = EndedJobs::new(ttl, max_bytes);
+        cache.set_listening(true);
+        cache
+    }
+
+    #[test]
+    fn serves_what_was_stored_until_it_expires() {
+        let cache = listening(Duration::from_millis(50), 1 << 20);
+        let id = Uuid::now_v7();
+        cache.insert(cache.ticket(), id, "t", rendered("{}"));
+        assert_eq!(cache.get(id).map(|e| e.tenant.clone()).as_deref(), Some("t"));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(cache.get(id).is_none());
+    }
+
+    #[test]
+    fn a_read_older_than_a_clear_is_not_stored() {
+        let cache = listening(Duration::from_secs(60), 1 << 20);
+        let id = Uuid::now_v7();
+        let ticket = cache.ticket();
+        cache.clear();
+        cache.insert(ticket, id, "t", rendered("{}"));
+        assert!(cache.get(id).is_none());
+    }
+
+    #[test]
+    fn stores_nothing_while_not_listening() {
+        let cache = EndedJobs::new(Duration::from_secs(60), 1 << 20);
+        let id = Uuid::now_v7();
+        cache.insert(cache.ticket(), id, "t", rendered("{}"));
+        assert!(cache.get(id).is_none());
+    }
+
+    #[test]
+    fn evicts_the_oldest_to_stay_within_its_bytes() {
+        let body = "x".repeat(100);
+        let size = 100 + 3 + 1 + 128;
+        let cache = listening(Duration::from_secs(60), size * 64);
+        let ids: Vec<_> = (0..65).map(|_| Uuid::now_v7()).collect();
+        for id in &ids {
+            cache.insert(cache.ticket(), *id, "t", rendered(&body));
+        }
+        assert!(cache.get(ids[0]).is_none(), "the oldest makes room");
+        assert!(ids[1..].iter().all(|id| cache.get(*id).is_some()));
+        assert_eq!(cache.lock().bytes, size * 64);
+    }
+}

@@ -1,0 +1,168 @@
+//! `GET /v1/jobs/{id}` caching (SPEC §4): `ETag` and `If-None-Match`,
+//! `Cache-Control` by state, and the API's memory of ended jobs, which must
+//! never outlive a requeue or a prune made anywhere.
+
+use std::time::Duration;
+
+use api::auth::Scope;
+use reqwest::{Response, StatusCode, header};
+use serde_json::json;
+use shared::db::jobs;
+use shared::job::{Job, JobStatus};
+use sqlx::postgres::PgConnectOptions;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, client_with, key, spawn_app, wait_until};
+use crate::submit::PgPoolOptionsUnused;
+
+const BOUND: Duration = Duration::from_secs(5);
+
+async fn get(app: &TestApp, id: Uuid, if_none_match: Option<&str>) -> Response {
+    let mut request = app.client.get(app.url(&format!("/v1/jobs/{id}")));
+    if let Some(tag) = if_none_match {
+        request = request.header(header::IF_NONE_MATCH, tag);
+    }
+    request.send().await.expect("sent")
+}
+
+fn header_of(response: &Response, name: header::HeaderName) -> Option<&str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether the API answered from its memory (it then sends `Age`).
+fn from_memory(response: &Response) -> bool {
+    response.headers().contains_key(header::AGE)
+}
+
+/// A cancelled job (ended without any worker), read until the API keeps it in memory.
+async fn ended_job_in_memory(app: &TestApp) -> Job {
+    let job = app.submit_ok(&json!({"type": "noop"})).await;
+    let cancelled = app.client.post(app.url(&format!("/v1/jobs/{}/cancel", job.id))).send().await.expect("sent");
+    assert_eq!(cancelled.status(), 200);
+    // The cache stores only once its LISTEN is in place, shortly after start.
+    let cached = wait_until(BOUND, || async { from_memory(&get(app, job.id, None).await) }).await;
+    assert!(cached, "an ended job read twice is served from memory");
+    app.get_job(job.id).await
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn etags_revalidate_and_live_jobs_are_not_cached(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app(connect).await;
+    let job = app.submit_ok(&json!({"type": "noop"})).await;
+
+    let queued = get(&app, job.id, None).await;
+    assert_eq!(queued.status(), 200);
+    assert_eq!(header_of(&queued, header::CACHE_CONTROL), Some("no-cache"));
+    assert_eq!(header_of(&queued, header::RETRY_AFTER), Some("1"));
+    let tag = header_of(&queued, header::ETAG).expect("an ETag").to_owned();
+    assert!(tag.starts_with('"') && tag.ends_with('"') && tag.len() == 34, "strong tag: {tag}");
+
+    for matching in [tag.clone(), format!("W/{tag}"), format!("\"other\", {tag}"), "*".to_owned()] {
+        let revalidated = get(&app, job.id, Some(&matching)).await;
+        assert_eq!(revalidated.status(), StatusCode::NOT_MODIFIED, "If-None-Match: {matching}");
+        assert_eq!(header_of(&revalidated, header::ETAG), Some(tag.as_str()));
+        assert!(revalidated.bytes().await.expect("body").is_empty());
+    }
+    let other = get(&app, job.id, Some("\"other\"")).await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(other.json::<Job>().await.expect("job").id, job.id);
+
+    // A job waiting for its time says when to look again.
+    let scheduled = app.submit_ok(&json!({"type": "noop", "delay_seconds": 30})).await;
+    let response = get(&app, scheduled.id, None).await;
+    let retry_after: u32 = header_of(&response, header::RETRY_AFTER).and_then(|v| v.parse().ok()).expect("Retry-After");
+    assert!((28..=30).contains(&retry_after), "Retry-After {retry_after} for a job due in 30 s");
+
+    // Once ended, the old tag no longer matches, and the job may be cached.
+    app.spawn_worker(&["default"], 2);
+    app.wait_terminal(job.id).await;
+    let ended = get(&app, job.id, Some(&tag)).await;
+    assert_eq!(ended.status(), 200, "a changed job is sent again");
+    assert_eq!(header_of(&ended, header::CACHE_CONTROL), Some("private, max-age=60"));
+    assert_eq!(header_of(&ended, header::RETRY_AFTER), None);
+    let new_tag = header_of(&ended, header::ETAG).expect("an ETag").to_owned();
+    assert_ne!(new_tag, tag);
+    assert_eq!(ended.json::<Job>().await.expect("job").status, JobStatus::Succeeded);
+    assert_eq!(get(&app, job.id, Some(&new_tag)).await.status(), StatusCode::NOT_MODIFIED);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_in_memory_is_the_same_job_for_its_tenant_only(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    let job = ended_job_in_memory(&app).await;
+
+    let hit = get(&app, job.id, None).await;
+    assert!(from_memory(&hit));
+    let tag = header_of(&hit, header::ETAG).expect("an ETag").to_owned();
+    assert_eq!(header_of(&hit, header::CACHE_CONTROL), Some("private, max-age=60"));
+    assert_eq!(hit.json::<Job>().await.expect("job"), job, "memory serves the job as stored");
+    let revalidated = get(&app, job.id, Some(&tag)).await;
+    assert_eq!((revalidated.status(), from_memory(&revalidated)), (StatusCode::NOT_MODIFIED, true));
+
+    let other_tenant = client_with(&key(&app.pool, "other", &[Scope::JobsRead]).await);
+    let response = other_tenant.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent");
+    assert_eq!(response.status(), 404, "another tenant's job stays unknown, cached or not");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn requeue_and_prune_elsewhere_reach_every_api(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+
+    // A requeue made outside this API (another replica, the CLI): only
+    // Postgres' notification can tell the API.
+    let requeued = ended_job_in_memory(&app).await;
+    let moved = jobs::requeue(&app.pool, None, &[requeued.id]).await.expect("requeue");
+    assert_eq!(moved.len(), 1);
+    let seen = wait_until(BOUND, || async { app.get_job(requeued.id).await.status == JobStatus::Queued }).await;
+    assert!(seen, "the requeued job is not served as cancelled from memory");
+
+    let pruned = ended_job_in_memory(&app).await;
+    let before = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let deleted = jobs::prune_batch(&app.pool, &[JobStatus::Cancelled], before, 100).await.expect("prune");
+    assert_eq!(deleted, 1);
+    let gone = wait_until(BOUND, || async { get(&app, pruned.id, None).await.status() == 404 }).await;
+    assert!(gone, "a pruned job is not served from memory");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn requeue_through_this_api_is_seen_at_once(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    let job = ended_job_in_memory(&app).await;
+    let response = app.client.post(app.url(&format!("/v1/jobs/{}/requeue", job.id))).send().await.expect("sent");
+    assert_eq!(response.status(), 200);
+    // No waiting: the caller's very next read must not be the cancelled job.
+    let next = get(&app, job.id, None).await;
+    assert!(!from_memory(&next));
+    assert_eq!(next.json::<Job>().await.expect("job").status, JobStatus::Queued);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn memory_is_dropped_while_its_listen_connection_is_lost(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    let job = ended_job_in_memory(&app).await;
+
+    // A change whose notification is lost: the trigger is off, and the
+    // listening connection is cut. The API must not trust its memory after
+    // losing the connection, since it cannot know what it missed.
+    sqlx::query("ALTER TABLE jobs DISABLE TRIGGER jobs_ended_updated").execute(&app.pool).await.expect("alter");
+    jobs::requeue(&app.pool, None, &[job.id]).await.expect("requeue");
+    assert!(from_memory(&get(&app, job.id, None).await), "nothing told the API yet");
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%conveyor_ended_changed%'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("terminate the listener");
+    assert_eq!(cut, [true], "one listening connection");
+
+    let seen = wait_until(BOUND, || async { app.get_job(job.id).await.status == JobStatus::Queued }).await;
+    assert!(seen, "the cache was emptied when its connection was lost");
+    // And it comes back: a new ended job is kept in memory again.
+    ended_job_in_memory(&app).await;
+    app.stop().await;
+}
