@@ -282,6 +282,18 @@ impl WorkerProcesses {
     }
 }
 
+/// Runs the jobs earlier modes left unfinished (`submit` runs none), untimed:
+/// a timed mode that waits for "all done" must wait for its own jobs only.
+async fn settle(api: &Api, workers: &Workers) -> anyhow::Result<()> {
+    if !api.any_unfinished().await? {
+        return Ok(());
+    }
+    let running = WorkerProcesses::start(workers).await?;
+    let settled = api.wait_all_done(Duration::from_secs(600)).await;
+    running.stop().await;
+    settled
+}
+
 /// Closed loop: `concurrency` clients submit until `n` submissions are done.
 async fn submit_load(api: &Rc<Api>, load: &Load) -> (Duration, Vec<u64>, BTreeMap<u16, u64>) {
     let next = Rc::new(AtomicU64::new(0));
@@ -342,6 +354,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             report
         }
         Mode::Drain(drained) => {
+            settle(&api, &drained.workers).await?;
             let (_, _, codes) = submit_load(&api, &drained.load).await;
             let workers = WorkerProcesses::start(&drained.workers).await?;
             let mut watched = api_process.clone();
@@ -371,8 +384,10 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
         }
         Mode::E2e(drained) => {
             let workers = WorkerProcesses::start(&drained.workers).await?;
-            // Let the workers connect before the clock starts.
+            // Let the workers connect, and finish what earlier modes left,
+            // before the clock starts.
             tokio::time::sleep(Duration::from_secs(1)).await;
+            api.wait_all_done(Duration::from_secs(600)).await?;
             let mut watched = api_process.clone();
             watched.extend(workers.pids());
             let rss = RssSampler::start(watched);
