@@ -1,6 +1,7 @@
 //! Publishing jobs that are already committed: publish each with a confirm,
-//! then record the confirms. A job whose publish fails stays `queued` with no
-//! `published_at`, where the reconciler's outbox sweep finds it.
+//! then record the confirms. Every statement that makes a job queued also puts
+//! it in the `outbox` table; a confirm takes it out. A job whose publish fails
+//! stays there, where the reconciler's outbox sweep finds it.
 //!
 //! Recording a confirm is bookkeeping, not durability (the job is durable once
 //! its row is committed and its message confirmed), so the API records them

@@ -164,13 +164,12 @@ async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOpti
     let started = Instant::now();
     let job = app.submit_ok(&json!({"type": "echo", "payload": {"n": 1}})).await;
     assert!(started.elapsed() < Duration::from_secs(3), "the submission was not held up: {:?}", started.elapsed());
-    let published: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT published_at FROM jobs WHERE id = $1")
-            .bind(job.id)
-            .fetch_one(&app.pool)
-            .await
-            .expect("committed");
-    assert!(published.is_none(), "the publish failed, so it is in the outbox");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE job_id = $1")
+        .bind(job.id)
+        .fetch_one(&app.pool)
+        .await
+        .expect("committed");
+    assert_eq!(pending, 1, "the publish failed, so the job is in the outbox");
 
     let mut direct = app.settings.clone();
     direct.amqp.url = shared::testing::amqp_url();
@@ -178,6 +177,50 @@ async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOpti
     let done = app.wait_terminal(job.id).await;
     assert_eq!((done.status, done.attempt), (JobStatus::Succeeded, 1));
     assert_eq!(done.result, Some(json!({"n": 1})));
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count");
+    assert_eq!(pending, 0, "the outbox is empty once the job is published");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_cancelled_before_its_publish_was_confirmed_is_not_published(
+    _: PgPoolOptionsUnused,
+    connect: PgConnectOptions,
+) {
+    let rabbit: std::net::SocketAddr = "127.0.0.1:5672".parse().expect("addr");
+    let proxy = Proxy::start(rabbit).await;
+    proxy.cut();
+    let proxied = proxy.url_for(&shared::testing::amqp_url());
+    let mut app = spawn_app_with(connect, |s| {
+        s.amqp.url = proxied;
+        s.amqp.confirm_timeout_ms = 500;
+        s.worker.outbox_grace_seconds = 1;
+    })
+    .await;
+    let job = app.submit_ok(&json!({"type": "noop"})).await;
+    let cancelled = app.client.post(app.url(&format!("/v1/jobs/{}/cancel", job.id))).send().await.expect("sent");
+    assert_eq!(cancelled.status(), 200);
+
+    // A worker on another queue: its reconciler sweeps the outbox, and nothing
+    // consumes `default`, so a wrongly published message would stay there.
+    let mut direct = app.settings.clone();
+    direct.amqp.url = shared::testing::amqp_url();
+    app.spawn_worker_with(direct, &["critical"], 1);
+    let swept = wait_until(Duration::from_secs(10), || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count");
+        pending == 0
+    })
+    .await;
+    assert!(swept, "the cancelled job's outbox row is dropped");
+    // Let the API reach RabbitMQ again, so that it declares `default`.
+    proxy.restore();
+    let ready = wait_until(Duration::from_secs(10), || async {
+        app.client.get(app.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready);
+    assert_eq!(app.amqp.depth("default").await, 0, "and its message never published");
+    assert_eq!(app.get_job(job.id).await.status, JobStatus::Cancelled);
     app.stop().await;
 }
 

@@ -33,13 +33,12 @@ async fn a_submitted_job_is_committed_and_published_before_202(_: PgPoolOptionsU
     assert_eq!(app.amqp.depth("default").await, 1);
     // The confirm is then recorded (in a batch), taking the job out of the outbox.
     let recorded = wait_until(Duration::from_secs(5), || async {
-        let published: Option<chrono::DateTime<chrono::Utc>> =
-            sqlx::query_scalar("SELECT published_at FROM jobs WHERE id = $1")
-                .bind(job.id)
-                .fetch_one(&app.pool)
-                .await
-                .expect("query");
-        published.is_some()
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE job_id = $1")
+            .bind(job.id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("query");
+        pending == 0
     })
     .await;
     assert!(recorded, "the confirmed publish was never recorded");

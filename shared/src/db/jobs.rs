@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::job::{Job, JobFailure, JobStatus, NewJob};
@@ -29,7 +29,8 @@ pub async fn insert(db: impl PgExecutor<'_>, job: &NewJob) -> sqlx::Result<Job> 
 /// order given.
 pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Result<Vec<Job>> {
     let mut inserted: Vec<Job> = sqlx::query_as(concat!(
-        "INSERT INTO jobs (id, tenant, queue, type, payload, status, priority, max_attempts, \
+        "WITH inserted AS (\
+         INSERT INTO jobs (id, tenant, queue, type, payload, status, priority, max_attempts, \
                            timeout_seconds, run_at, idempotency_key, request_id) \
          SELECT id, tenant, queue, type, payload, \
                 CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END, \
@@ -39,7 +40,9 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Resu
               AS t(id, tenant, queue, type, payload, priority, max_attempts, timeout_seconds, run_at, \
                    idempotency_key, request_id) \
          RETURNING ",
-        job_columns!()
+        job_columns!(),
+        "), pending AS (INSERT INTO outbox (job_id) SELECT id FROM inserted WHERE status = 'queued') \
+         SELECT * FROM inserted"
     ))
     .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
     .bind(jobs.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
@@ -68,10 +71,7 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Resu
 /// Records that RabbitMQ confirmed these jobs' messages, taking them out of
 /// the outbox the reconciler sweeps.
 pub async fn mark_published(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query("UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND status = 'queued'")
-        .bind(ids)
-        .execute(db)
-        .await?;
+    sqlx::query("DELETE FROM outbox WHERE job_id = ANY($1)").bind(ids).execute(db).await?;
     Ok(())
 }
 
@@ -96,20 +96,38 @@ impl From<&Job> for Enqueued {
 macro_rules! requeue_set {
     () => {
         "SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), \
-             published_at = NULL, started_at = NULL, finished_at = NULL, result = NULL, progress = NULL, \
+             started_at = NULL, finished_at = NULL, result = NULL, progress = NULL, \
              cancel_requested_at = NULL, updated_at = now()"
+    };
+}
+
+/// Wraps an `UPDATE` that makes jobs queued: the same statement puts them in
+/// the outbox, so a queued job always has a confirmed message or an outbox
+/// row. The statement returns the moved jobs as [`Enqueued`].
+macro_rules! queued_into_outbox {
+    ($update:expr) => {
+        concat!("WITH moved AS (", $update, outbox_tail!())
+    };
+}
+
+/// The part of [`queued_into_outbox!`] after the `UPDATE`.
+macro_rules! outbox_tail {
+    () => {
+        " RETURNING id, queue, priority, request_id), \
+         pending AS (INSERT INTO outbox (job_id) SELECT id FROM moved \
+                     ON CONFLICT (job_id) DO UPDATE SET created_at = now()) \
+         SELECT id, queue, priority, request_id FROM moved"
     };
 }
 
 /// Requeues these jobs where they are failed or cancelled (and belong to
 /// `tenant`, when given). Returns those it moved.
 pub async fn requeue(db: impl PgExecutor<'_>, tenant: Option<&str>, ids: &[Uuid]) -> sqlx::Result<Vec<Enqueued>> {
-    sqlx::query_as(concat!(
+    sqlx::query_as(queued_into_outbox!(concat!(
         "UPDATE jobs ",
         requeue_set!(),
-        " WHERE id = ANY($1) AND status IN ('failed', 'cancelled') AND ($2::text IS NULL OR tenant = $2) \
-         RETURNING id, queue, priority, request_id"
-    ))
+        " WHERE id = ANY($1) AND status IN ('failed', 'cancelled') AND ($2::text IS NULL OR tenant = $2)"
+    )))
     .bind(ids)
     .bind(tenant)
     .fetch_all(db)
@@ -170,11 +188,10 @@ pub async fn requeue_batch(
     after: Option<Uuid>,
     limit: i64,
 ) -> sqlx::Result<Vec<Enqueued>> {
-    let mut sql = QueryBuilder::new(concat!("UPDATE jobs ", requeue_set!(), " WHERE id IN ("));
+    let mut sql = QueryBuilder::new(concat!("WITH moved AS (UPDATE jobs ", requeue_set!(), " WHERE id IN ("));
     requeue_candidates(&mut sql, filter, after, limit);
-    sql.push(
-        " FOR UPDATE SKIP LOCKED) AND status IN ('failed', 'cancelled') RETURNING id, queue, priority, request_id",
-    );
+    sql.push(" FOR UPDATE SKIP LOCKED) AND status IN ('failed', 'cancelled')");
+    sql.push(outbox_tail!());
     sql.build_query_as().fetch_all(db).await
 }
 
@@ -420,13 +437,11 @@ pub async fn renew(db: impl PgExecutor<'_>, leases: &[Lease], lease_seconds: i32
 /// again, the interrupted attempt not counted (it was not the job's fault).
 /// `None` if the lease is no longer held.
 pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> sqlx::Result<Option<Enqueued>> {
-    sqlx::query_as(
+    sqlx::query_as(queued_into_outbox!(
         "UPDATE jobs SET status = 'queued', attempt = attempt - 1, started_at = NULL, progress = NULL, \
-                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, published_at = NULL, \
-                         updated_at = now() \
-         WHERE id = $1 AND lease_token = $2 AND status = 'running' \
-         RETURNING id, queue, priority, request_id",
-    )
+                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
+         WHERE id = $1 AND lease_token = $2 AND status = 'running'"
+    ))
     .bind(lease.id)
     .bind(lease.token)
     .fetch_optional(db)
@@ -436,12 +451,11 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> sqlx::Result<Opti
 /// Reconciler: moves scheduled and retrying jobs whose time has come to
 /// `queued`, up to `limit`, oldest due first. The caller publishes them.
 pub async fn queue_due(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', published_at = NULL, updated_at = now() \
+    sqlx::query_as(queued_into_outbox!(
+        "UPDATE jobs SET status = 'queued', updated_at = now() \
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now() \
-                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, queue, priority, request_id",
-    )
+                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+    ))
     .bind(limit)
     .fetch_all(db)
     .await
@@ -467,14 +481,22 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result
     Ok(done.rows_affected())
 }
 
-/// Reconciler (outbox): queued jobs with no confirmed publish whose last change
-/// is older than `grace_seconds` (so as not to race the API's own publish).
-pub async fn unpublished(db: impl PgExecutor<'_>, grace_seconds: i32, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
+/// Reconciler (outbox): queued jobs with no confirmed publish that entered
+/// the outbox more than `grace_seconds` ago (so as not to race the API's own
+/// publish), oldest first. Rows of jobs no longer queued (cancelled before
+/// their publish was confirmed, deleted) are dropped on the way.
+pub async fn unpublished(db: &mut PgConnection, grace_seconds: i32, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
+    sqlx::query(
+        "DELETE FROM outbox o WHERE created_at < now() - make_interval(secs => $1) \
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.status = 'queued')",
+    )
+    .bind(grace_seconds)
+    .execute(&mut *db)
+    .await?;
     sqlx::query_as(
-        "SELECT id, queue, priority, request_id FROM jobs \
-         WHERE status = 'queued' AND published_at IS NULL \
-           AND updated_at < now() - make_interval(secs => $1) \
-         ORDER BY updated_at LIMIT $2",
+        "SELECT j.id, j.queue, j.priority, j.request_id FROM outbox o JOIN jobs j ON j.id = o.job_id \
+         WHERE o.created_at < now() - make_interval(secs => $1) AND j.status = 'queued' \
+         ORDER BY o.created_at LIMIT $2",
     )
     .bind(grace_seconds)
     .bind(limit)
