@@ -147,20 +147,32 @@ async fn cancel_works_in_every_state(_: PgPoolOptionsUnused, connect: PgConnectO
     app.stop().await;
 }
 
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    // The API reaches RabbitMQ through a proxy that is cut: its publishes fail
-    // after the row is committed. The worker's connection is direct.
+/// An API that reaches RabbitMQ through a proxy that is cut: its publishes
+/// fail after the row is committed. The outbox is swept after 1 s.
+async fn app_behind_cut_broker(connect: PgConnectOptions) -> (TestApp, Proxy) {
     let rabbit: std::net::SocketAddr = "127.0.0.1:5672".parse().expect("addr");
     let proxy = Proxy::start(rabbit).await;
     proxy.cut();
     let proxied = proxy.url_for(&shared::testing::amqp_url());
-    let mut app = spawn_app_with(connect, |s| {
+    let app = spawn_app_with(connect, |s| {
         s.amqp.url = proxied;
         s.amqp.confirm_timeout_ms = 500;
         s.worker.outbox_grace_seconds = 1;
     })
     .await;
+    (app, proxy)
+}
+
+/// The app's settings with a direct connection to RabbitMQ, for its workers.
+fn direct_to_broker(app: &TestApp) -> Settings {
+    let mut direct = app.settings.clone();
+    direct.amqp.url = shared::testing::amqp_url();
+    direct
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let (mut app, _proxy) = app_behind_cut_broker(connect).await;
     let started = Instant::now();
     let job = app.submit_ok(&json!({"type": "echo", "payload": {"n": 1}})).await;
     assert!(started.elapsed() < Duration::from_secs(3), "the submission was not held up: {:?}", started.elapsed());
@@ -171,9 +183,7 @@ async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOpti
         .expect("committed");
     assert_eq!(pending, 1, "the publish failed, so the job is in the outbox");
 
-    let mut direct = app.settings.clone();
-    direct.amqp.url = shared::testing::amqp_url();
-    app.spawn_worker_with(direct, &["default"], 1);
+    app.spawn_worker_with(direct_to_broker(&app), &["default"], 1);
     let done = app.wait_terminal(job.id).await;
     assert_eq!((done.status, done.attempt), (JobStatus::Succeeded, 1));
     assert_eq!(done.result, Some(json!({"n": 1})));
@@ -187,25 +197,14 @@ async fn a_job_cancelled_before_its_publish_was_confirmed_is_not_published(
     _: PgPoolOptionsUnused,
     connect: PgConnectOptions,
 ) {
-    let rabbit: std::net::SocketAddr = "127.0.0.1:5672".parse().expect("addr");
-    let proxy = Proxy::start(rabbit).await;
-    proxy.cut();
-    let proxied = proxy.url_for(&shared::testing::amqp_url());
-    let mut app = spawn_app_with(connect, |s| {
-        s.amqp.url = proxied;
-        s.amqp.confirm_timeout_ms = 500;
-        s.worker.outbox_grace_seconds = 1;
-    })
-    .await;
+    let (mut app, proxy) = app_behind_cut_broker(connect).await;
     let job = app.submit_ok(&json!({"type": "noop"})).await;
     let cancelled = app.client.post(app.url(&format!("/v1/jobs/{}/cancel", job.id))).send().await.expect("sent");
     assert_eq!(cancelled.status(), 200);
 
     // A worker on another queue: its reconciler sweeps the outbox, and nothing
     // consumes `default`, so a wrongly published message would stay there.
-    let mut direct = app.settings.clone();
-    direct.amqp.url = shared::testing::amqp_url();
-    app.spawn_worker_with(direct, &["critical"], 1);
+    app.spawn_worker_with(direct_to_broker(&app), &["critical"], 1);
     let swept = wait_until(Duration::from_secs(10), || async {
         let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count");
         pending == 0
