@@ -10,13 +10,14 @@ use shared::job::JobStatus;
 use shared::queue::Message;
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{spawn_app, wait_until};
+use crate::helpers::{spawn_app, spawn_app_with, wait_until};
 use crate::submit::PgPoolOptionsUnused;
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     const JOBS: usize = 1000;
-    let mut app = spawn_app(connect).await;
+    // No outbox sweep during the test: only the API's recording may empty it.
+    let mut app = spawn_app_with(connect, |s| s.worker.outbox_grace_seconds = 600).await;
     for _ in 0..4 {
         app.spawn_worker(&["default"], 8);
     }
@@ -50,6 +51,12 @@ async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOpt
     assert_eq!(attempts, [1]);
     assert_eq!(workers, 0, "finished jobs hold no lease");
     assert_eq!(app.amqp.depth("default").await, 0, "every message consumed");
+    // Every confirm was recorded: nothing is left for the outbox sweep to republish.
+    let recorded = wait_until(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count") == 0
+    })
+    .await;
+    assert!(recorded, "the outbox kept rows of published jobs");
     // Four workers, four reconcilers, one active: one holder of the advisory lock.
     let holders: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = \
