@@ -107,7 +107,7 @@ async fn a_job_in_memory_is_the_same_job_for_its_tenant_only(_: PgPoolOptionsUnu
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn requeue_and_prune_elsewhere_reach_every_api(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+async fn requeue_prune_and_truncate_elsewhere_reach_every_api(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
 
     // A requeue made outside this API (another replica, the CLI): only
@@ -124,6 +124,11 @@ async fn requeue_and_prune_elsewhere_reach_every_api(_: PgPoolOptionsUnused, con
     assert_eq!(deleted, 1);
     let gone = wait_until(BOUND, || async { get(&app, pruned.id, None).await.status() == 404 }).await;
     assert!(gone, "a pruned job is not served from memory");
+
+    let truncated = ended_job_in_memory(&app).await;
+    sqlx::query("TRUNCATE jobs").execute(&app.pool).await.expect("truncate");
+    let gone = wait_until(BOUND, || async { get(&app, truncated.id, None).await.status() == 404 }).await;
+    assert!(gone, "nor is one truncated away by hand");
     app.stop().await;
 }
 
