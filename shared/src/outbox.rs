@@ -14,13 +14,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::db::jobs::{self, Enqueued};
+use crate::db::jobs::{self, Enqueued, OutboxRow};
 use crate::queue::{PublishError, Publisher};
 
 /// What became of a batch of publishes.
 #[derive(Debug, Default)]
 pub struct Report {
-    pub published: Vec<Uuid>,
+    pub published: Vec<OutboxRow>,
     pub failed: Vec<(Uuid, PublishError)>,
 }
 
@@ -37,8 +37,8 @@ pub async fn publish(publisher: &Publisher, pool: &PgPool, jobs: Vec<Enqueued>) 
 /// Publishes `jobs` and hands the confirmed ones to `recorder`.
 pub async fn publish_recorded(publisher: &Publisher, recorder: &Recorder, jobs: Vec<Enqueued>) -> Report {
     let report = publish_all(publisher, jobs).await;
-    for id in &report.published {
-        recorder.record(*id).await;
+    for row in &report.published {
+        recorder.record(*row).await;
     }
     report
 }
@@ -48,7 +48,7 @@ async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
     if let [job] = jobs.as_slice() {
         // The common case (one submission): no task to spawn.
         match publisher.publish_job(&job.queue, job.id, job.priority, job.request_id.as_deref()).await {
-            Ok(()) => report.published.push(job.id),
+            Ok(()) => report.published.push(job.outbox_row()),
             Err(e) => report.failed.push((job.id, e)),
         }
     } else {
@@ -57,13 +57,13 @@ async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
             let publisher = publisher.clone();
             publishes.spawn(async move {
                 let result = publisher.publish_job(&job.queue, job.id, job.priority, job.request_id.as_deref()).await;
-                (job.id, result)
+                (job.outbox_row(), result)
             });
         }
         while let Some(done) = publishes.join_next().await {
             match done {
-                Ok((id, Ok(()))) => report.published.push(id),
-                Ok((id, Err(e))) => report.failed.push((id, e)),
+                Ok((row, Ok(()))) => report.published.push(row),
+                Ok((row, Err(e))) => report.failed.push((row.job_id, e)),
                 // A publish task cannot panic short of a bug in lapin; the job stays in the outbox.
                 Err(e) => tracing::error!(error = %e, "publish task failed"),
             }
@@ -86,7 +86,7 @@ const RECORDER_BATCH: usize = 1024;
 /// idle each records one at once. No timer, no added latency.
 #[derive(Clone)]
 pub struct Recorder {
-    confirms: mpsc::Sender<Uuid>,
+    confirms: mpsc::Sender<OutboxRow>,
 }
 
 impl Recorder {
@@ -107,9 +107,9 @@ impl Recorder {
         Self { confirms }
     }
 
-    pub async fn record(&self, id: Uuid) {
-        if self.confirms.send(id).await.is_err() {
-            tracing::warn!(job.id = %id, "publish recorder stopped; the outbox sweep will republish the job");
+    pub async fn record(&self, published: OutboxRow) {
+        if self.confirms.send(published).await.is_err() {
+            tracing::warn!(job.id = %published.job_id, "publish recorder stopped; the outbox sweep will republish the job");
         }
     }
 }

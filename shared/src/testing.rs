@@ -63,6 +63,25 @@ impl Drop for AmqpNamespace {
     }
 }
 
+/// A job of `kind` for tenant `default` on queue `default`, as the API would
+/// build it from `{"type": kind, "payload": payload}`, for tests that insert
+/// jobs without going through HTTP.
+pub fn new_job(kind: &str, payload: serde_json::Value) -> crate::job::NewJob {
+    crate::job::NewJob {
+        id: uuid::Uuid::now_v7(),
+        tenant: "default".to_owned(),
+        queue: "default".to_owned(),
+        kind: kind.to_owned(),
+        payload,
+        priority: 0,
+        max_attempts: 5,
+        timeout_seconds: 60,
+        run_at: None,
+        idempotency_key: None,
+        request_id: None,
+    }
+}
+
 /// Settings for a test: the defaults, pointed at the test's database (as
 /// `#[sqlx::test]` made it) and RabbitMQ namespace, listening on a random port.
 pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {

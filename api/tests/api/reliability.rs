@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shared::config::Settings;
-use shared::db::jobs::{self, Lease, Outcome};
+use shared::db::jobs::{self, Enqueued, Lease, Outcome};
 use shared::job::{FailureKind, Job, JobStatus};
 use shared::testing::Proxy;
 use sqlx::postgres::PgConnectOptions;
@@ -221,6 +221,28 @@ async fn a_job_cancelled_before_its_publish_was_confirmed_is_not_published(
     assert_eq!(app.amqp.depth("default").await, 0, "and its message never published");
     assert_eq!(app.get_job(job.id).await.status, JobStatus::Cancelled);
     app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_late_confirm_of_an_earlier_stint_leaves_the_job_in_the_outbox(pool: sqlx::PgPool) {
+    let job = jobs::insert(&pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert");
+    let first = Enqueued::from(&job);
+    // Queued again before the first stint's confirm is recorded.
+    assert!(matches!(jobs::cancel(&pool, "default", job.id).await.expect("cancel"), jobs::Cancel::Cancelled(_)));
+    let second = jobs::requeue(&pool, None, &[job.id]).await.expect("requeue");
+    assert_eq!(second.len(), 1);
+    let in_outbox = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE job_id = $1")
+            .bind(job.id)
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+
+    jobs::mark_published(&pool, &[first.outbox_row()]).await.expect("record");
+    assert_eq!(in_outbox().await, 1, "the requeued stint's message is not confirmed yet");
+    jobs::mark_published(&pool, &[second[0].outbox_row()]).await.expect("record");
+    assert_eq!(in_outbox().await, 0);
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]

@@ -41,7 +41,8 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Resu
                    idempotency_key, request_id) \
          RETURNING ",
         job_columns!(),
-        "), pending AS (INSERT INTO outbox (job_id) SELECT id FROM inserted WHERE status = 'queued') \
+        "), pending AS (INSERT INTO outbox (job_id, created_at) \
+                         SELECT id, updated_at FROM inserted WHERE status = 'queued') \
          SELECT * FROM inserted"
     ))
     .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
@@ -69,10 +70,26 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Resu
 }
 
 /// Records that RabbitMQ confirmed these jobs' messages, taking them out of
-/// the outbox the reconciler sweeps.
-pub async fn mark_published(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE job_id = ANY($1)").bind(ids).execute(db).await?;
+/// the outbox the reconciler sweeps. A confirm removes only the row of the
+/// queued stint it was published for: a late confirm must not take out a job
+/// queued again since (requeued, handed back), whose new message may yet fail.
+pub async fn mark_published(db: impl PgExecutor<'_>, published: &[OutboxRow]) -> sqlx::Result<()> {
+    sqlx::query(
+        "DELETE FROM outbox o USING UNNEST($1::uuid[], $2::timestamptz[]) AS c(job_id, queued_at) \
+         WHERE o.job_id = c.job_id AND o.created_at = c.queued_at",
+    )
+    .bind(published.iter().map(|row| row.job_id).collect::<Vec<_>>())
+    .bind(published.iter().map(|row| row.queued_at).collect::<Vec<_>>())
+    .execute(db)
+    .await?;
     Ok(())
+}
+
+/// A job's row in the outbox: which job, and which queued stint of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub job_id: Uuid,
+    pub queued_at: DateTime<Utc>,
 }
 
 /// A queued job whose message must be published.
@@ -82,11 +99,27 @@ pub struct Enqueued {
     pub queue: String,
     pub priority: i16,
     pub request_id: Option<String>,
+    /// When the statement that queued it ran (the job's `updated_at` then, and
+    /// its outbox row's `created_at`): tells this queued stint from later ones.
+    pub queued_at: DateTime<Utc>,
+}
+
+impl Enqueued {
+    pub fn outbox_row(&self) -> OutboxRow {
+        OutboxRow { job_id: self.id, queued_at: self.queued_at }
+    }
 }
 
 impl From<&Job> for Enqueued {
+    /// A job as returned by the statement that queued it.
     fn from(job: &Job) -> Self {
-        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, request_id: job.request_id.clone() }
+        Self {
+            id: job.id,
+            queue: job.queue.clone(),
+            priority: job.priority,
+            request_id: job.request_id.clone(),
+            queued_at: job.updated_at,
+        }
     }
 }
 
@@ -113,10 +146,10 @@ macro_rules! queued_into_outbox {
 /// The part of [`queued_into_outbox!`] after the `UPDATE`.
 macro_rules! outbox_tail {
     () => {
-        " RETURNING id, queue, priority, request_id), \
-         pending AS (INSERT INTO outbox (job_id) SELECT id FROM moved \
-                     ON CONFLICT (job_id) DO UPDATE SET created_at = now()) \
-         SELECT id, queue, priority, request_id FROM moved"
+        " RETURNING id, queue, priority, request_id, updated_at AS queued_at), \
+         pending AS (INSERT INTO outbox (job_id, created_at) SELECT id, queued_at FROM moved \
+                     ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at) \
+         SELECT id, queue, priority, request_id, queued_at FROM moved"
     };
 }
 
@@ -494,7 +527,8 @@ pub async fn unpublished(db: &mut PgConnection, grace_seconds: i32, limit: i64) 
     .execute(&mut *db)
     .await?;
     sqlx::query_as(
-        "SELECT j.id, j.queue, j.priority, j.request_id FROM outbox o JOIN jobs j ON j.id = o.job_id \
+        "SELECT j.id, j.queue, j.priority, j.request_id, o.created_at AS queued_at \
+         FROM outbox o JOIN jobs j ON j.id = o.job_id \
          WHERE o.created_at < now() - make_interval(secs => $1) AND j.status = 'queued' \
          ORDER BY o.created_at LIMIT $2",
     )

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use shared::config::Settings;
 use shared::db::jobs::{self, Enqueued};
-use shared::job::{JobStatus, NewJob};
+use shared::job::JobStatus;
 use shared::outbox;
 use shared::queue::Publisher;
 use shared::testing::{AmqpNamespace, settings};
@@ -43,19 +43,7 @@ impl Harness {
     async fn submit(&self, n: usize, kind: &str, payload: serde_json::Value) -> Vec<Uuid> {
         let mut published = Vec::new();
         for _ in 0..n {
-            let job = NewJob {
-                id: Uuid::now_v7(),
-                tenant: "default".to_owned(),
-                queue: "default".to_owned(),
-                kind: kind.to_owned(),
-                payload: payload.clone(),
-                priority: 0,
-                max_attempts: 5,
-                timeout_seconds: 60,
-                run_at: None,
-                idempotency_key: None,
-                request_id: None,
-            };
+            let job = shared::testing::new_job(kind, payload.clone());
             let job = jobs::insert(&self.pool, &job).await.expect("insert");
             published.push(Enqueued::from(&job));
         }
