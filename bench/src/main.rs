@@ -138,11 +138,18 @@ impl Api {
         match response {
             Ok(response) => {
                 let status = response.status().as_u16();
-                let id = if status == 202 {
-                    response.json::<Value>().await.ok().and_then(|job| job["id"].as_str().map(str::to_owned))
-                } else {
-                    None
-                };
+                // The id from `Location: /v1/jobs/{id}`, not the body: parsing
+                // every job's JSON cost the driver CPU that the stack it
+                // measures could use. The body is still read, so that the
+                // connection goes back to the pool.
+                let id = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|location| location.to_str().ok())
+                    .and_then(|location| location.rsplit('/').next())
+                    .map(str::to_owned)
+                    .filter(|_| status == 202);
+                let _ = response.bytes().await;
                 (status, id)
             }
             Err(_) => (0, None),
