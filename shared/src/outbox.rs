@@ -47,7 +47,7 @@ async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
     let mut report = Report::default();
     if let [job] = jobs.as_slice() {
         // The common case (one submission): no task to spawn.
-        match publisher.publish_job(&job.queue, job.id, job.priority, job.request_id.as_deref()).await {
+        match publisher.publish_job(&job.queue, job.id, job.priority).await {
             Ok(()) => report.published.push(job.outbox_row()),
             Err(e) => report.failed.push((job.id, e)),
         }
@@ -56,7 +56,7 @@ async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
         for job in jobs {
             let publisher = publisher.clone();
             publishes.spawn(async move {
-                let result = publisher.publish_job(&job.queue, job.id, job.priority, job.request_id.as_deref()).await;
+                let result = publisher.publish_job(&job.queue, job.id, job.priority).await;
                 (job.outbox_row(), result)
             });
         }

@@ -138,11 +138,11 @@ impl AmqpNamespace {
     }
 
     /// Takes one message off Conveyor queue `queue`, in the order a consumer would get it.
-    pub async fn take(&self, queue: &str) -> Option<Vec<u8>> {
+    pub async fn take(&self, queue: &str) -> Option<(Vec<u8>, lapin::BasicProperties)> {
         let rabbit_queue = Names::new(&self.name).queue(queue);
         let options = lapin::options::BasicGetOptions { no_ack: true };
         match channel().await.basic_get(rabbit_queue.into(), options).await {
-            Ok(message) => message.map(|m| m.delivery.data),
+            Ok(message) => message.map(|m| (m.delivery.data, m.delivery.properties)),
             Err(e) => panic!("basic.get failed: {e}"),
         }
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::job::JobStatus;
+use shared::queue::Message;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::{spawn_app, wait_until};
@@ -43,6 +44,22 @@ async fn a_submitted_job_is_committed_and_published_before_202(_: PgPoolOptionsU
     .await;
     assert!(recorded, "the confirmed publish was never recorded");
     assert_eq!(app.get_job(job.id).await, job);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_message_is_persistent_names_the_job_and_carries_its_priority(
+    _: PgPoolOptionsUnused,
+    connect: PgConnectOptions,
+) {
+    let app = spawn_app(connect).await;
+    let job = app.submit_ok(&json!({"type": "noop", "priority": 7})).await;
+    let (body, properties) = app.amqp.take("default").await.expect("a message");
+    let message: Message = serde_json::from_slice(&body).expect("a Conveyor message");
+    assert_eq!(message, Message::RunJob { job_id: job.id });
+    // Persistent: it survives a broker restart (with the durable queue).
+    assert_eq!(properties.delivery_mode(), &Some(2));
+    assert_eq!(properties.priority(), &Some(7));
     app.stop().await;
 }
 

@@ -98,7 +98,6 @@ pub struct Enqueued {
     pub id: Uuid,
     pub queue: String,
     pub priority: i16,
-    pub request_id: Option<String>,
     /// When the statement that queued it ran (the job's `updated_at` then, and
     /// its outbox row's `created_at`): tells this queued stint from later ones.
     pub queued_at: DateTime<Utc>,
@@ -113,13 +112,7 @@ impl Enqueued {
 impl From<&Job> for Enqueued {
     /// A job as returned by the statement that queued it.
     fn from(job: &Job) -> Self {
-        Self {
-            id: job.id,
-            queue: job.queue.clone(),
-            priority: job.priority,
-            request_id: job.request_id.clone(),
-            queued_at: job.updated_at,
-        }
+        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, queued_at: job.updated_at }
     }
 }
 
@@ -146,10 +139,10 @@ macro_rules! queued_into_outbox {
 /// The part of [`queued_into_outbox!`] after the `UPDATE`.
 macro_rules! outbox_tail {
     () => {
-        " RETURNING id, queue, priority, request_id, updated_at AS queued_at), \
+        " RETURNING id, queue, priority, updated_at AS queued_at), \
          pending AS (INSERT INTO outbox (job_id, created_at) SELECT id, queued_at FROM moved \
                      ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at) \
-         SELECT id, queue, priority, request_id, queued_at FROM moved"
+         SELECT id, queue, priority, queued_at FROM moved"
     };
 }
 
@@ -527,7 +520,7 @@ pub async fn unpublished(db: &mut PgConnection, grace_seconds: i32, limit: i64) 
     .execute(&mut *db)
     .await?;
     sqlx::query_as(
-        "SELECT j.id, j.queue, j.priority, j.request_id, o.created_at AS queued_at \
+        "SELECT j.id, j.queue, j.priority, o.created_at AS queued_at \
          FROM outbox o JOIN jobs j ON j.id = o.job_id \
          WHERE o.created_at < now() - make_interval(secs => $1) AND j.status = 'queued' \
          ORDER BY o.created_at LIMIT $2",
