@@ -113,7 +113,7 @@ impl Reconciler {
             // They are `retrying`, due now: the next pass queues them.
             tracing::warn!(count = rescued, "rescued jobs whose worker was lost");
         }
-        let unpublished = jobs::unpublished(connection, self.outbox_grace_seconds, BATCH).await?;
+        let unpublished = jobs::unpublished(&mut **connection, self.outbox_grace_seconds, BATCH).await?;
         if !unpublished.is_empty() {
             tracing::info!(count = unpublished.len(), "republishing jobs whose publish was never confirmed");
             outbox::publish(&self.publisher, &self.pool, unpublished).await?;

@@ -246,6 +246,28 @@ async fn a_late_confirm_of_an_earlier_stint_leaves_the_job_in_the_outbox(pool: s
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn each_outbox_sweep_reads_a_bounded_batch_oldest_first(pool: sqlx::PgPool) {
+    // Oldest first: two cancelled jobs, then one still queued, all unconfirmed.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let job = jobs::insert(&pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert");
+        ids.push(job.id);
+    }
+    for id in &ids[..2] {
+        assert!(matches!(jobs::cancel(&pool, "default", *id).await.expect("cancel"), jobs::Cancel::Cancelled(_)));
+    }
+    let pending =
+        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&pool).await.expect("count") };
+
+    let first = jobs::unpublished(&pool, 0, 2).await.expect("sweep");
+    assert!(first.is_empty(), "the two oldest rows are of cancelled jobs: {first:?}");
+    assert_eq!(pending().await, 1, "and only those two were dropped");
+    let second = jobs::unpublished(&pool, 0, 2).await.expect("sweep");
+    assert_eq!(second.iter().map(|job| job.id).collect::<Vec<_>>(), [ids[2]], "the queued one comes next");
+    assert_eq!(pending().await, 1, "kept until its publish is confirmed");
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_zombie_workers_late_writes_are_rejected(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app_with(connect, |_| {}).await;
     let job = app.submit_ok(&json!({"type": "echo", "payload": {"v": 1}})).await;

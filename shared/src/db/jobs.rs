@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
+use sqlx::{PgExecutor, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::job::{Job, JobFailure, JobStatus, NewJob};
@@ -507,23 +507,24 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result
     Ok(done.rows_affected())
 }
 
-/// Reconciler (outbox): queued jobs with no confirmed publish that entered
-/// the outbox more than `grace_seconds` ago (so as not to race the API's own
-/// publish), oldest first. Rows of jobs no longer queued (cancelled before
-/// their publish was confirmed, deleted) are dropped on the way.
-pub async fn unpublished(db: &mut PgConnection, grace_seconds: i32, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
-    sqlx::query(
-        "DELETE FROM outbox o WHERE created_at < now() - make_interval(secs => $1) \
-           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.status = 'queued')",
-    )
-    .bind(grace_seconds)
-    .execute(&mut *db)
-    .await?;
+/// Reconciler (outbox): the `limit` oldest outbox rows older than
+/// `grace_seconds` (so as not to race the API's own publish). Those of jobs
+/// still queued are returned, to be published again; the others (cancelled
+/// before their publish was confirmed, deleted) are dropped in the same
+/// statement. Bounded by `limit` however large the outbox has grown (a long
+/// broker outage), since it reads the oldest rows by their index.
+pub async fn unpublished(db: impl PgExecutor<'_>, grace_seconds: i32, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
     sqlx::query_as(
-        "SELECT j.id, j.queue, j.priority, o.created_at AS queued_at \
-         FROM outbox o JOIN jobs j ON j.id = o.job_id \
-         WHERE o.created_at < now() - make_interval(secs => $1) AND j.status = 'queued' \
-         ORDER BY o.created_at LIMIT $2",
+        "WITH oldest AS ( \
+             SELECT o.job_id, o.created_at, j.status, j.queue, j.priority \
+             FROM outbox o LEFT JOIN jobs j ON j.id = o.job_id \
+             WHERE o.created_at < now() - make_interval(secs => $1) \
+             ORDER BY o.created_at LIMIT $2), \
+         settled AS ( \
+             DELETE FROM outbox o USING oldest \
+             WHERE o.job_id = oldest.job_id AND o.created_at = oldest.created_at \
+               AND oldest.status IS DISTINCT FROM 'queued') \
+         SELECT job_id AS id, queue, priority, created_at AS queued_at FROM oldest WHERE status = 'queued'",
     )
     .bind(grace_seconds)
     .bind(limit)
