@@ -76,7 +76,7 @@ pub enum SharedDbError {
 
 impl From<sqlx::Error> for SharedDbError {
     fn from(e: sqlx::Error) -> Self {
-        if db_unavailable(&e) { Self::Unavailable(e.to_string()) } else { Self::Failed(format!("{e:?}")) }
+        if shared::db::unavailable(&e) { Self::Unavailable(e.to_string()) } else { Self::Failed(format!("{e:?}")) }
     }
 }
 
@@ -114,7 +114,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Validation(_) => "validation-error",
             Self::Unavailable(_) => "service-unavailable",
-            Self::Db(e) if db_unavailable(e) => "service-unavailable",
+            Self::Db(e) if shared::db::unavailable(e) => "service-unavailable",
             Self::Db(_) | Self::Internal(_) => "internal-error",
         }
     }
@@ -122,18 +122,6 @@ impl ApiError {
 
 /// Errors that mean "the database cannot be reached right now", as opposed to a
 /// bug in a query: the pool timed out or the connection failed.
-fn db_unavailable(e: &sqlx::Error) -> bool {
-    // Listed in full so a new variant is a conscious choice, not a silent 500.
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => {
-            // Class 08: connection exception; 57P01-03: admin shutdown, crash, cannot connect now.
-            db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
-        }
-        _ => false,
-    }
-}
-
 #[derive(Serialize)]
 struct Problem<'a> {
     #[serde(rename = "type")]
@@ -158,7 +146,7 @@ impl ResponseError for ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Db(e) if db_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Db(e) if shared::db::unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -166,7 +154,7 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         let detail = match self {
-            Self::Db(e) if db_unavailable(e) => {
+            Self::Db(e) if shared::db::unavailable(e) => {
                 tracing::warn!(error = %e, "database unavailable");
                 "the database is unavailable; retry shortly".to_owned()
             }

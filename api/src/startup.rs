@@ -29,7 +29,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub publisher: Publisher,
     /// Inserts submitted jobs, those arriving together in one statement.
-    pub inserter: Batcher<NewJob, Job, SharedDbError>,
+    /// One submission's refused values fail only that submission.
+    pub inserter: Batcher<NewJob, Result<Job, SharedDbError>, SharedDbError>,
     /// Records confirmed publishes in batches (see [`shared::outbox`]).
     pub recorder: Recorder,
     pub auth: Authenticator,
@@ -103,9 +104,12 @@ impl Application {
 /// Submissions per insert statement at most.
 const INSERT_BATCH: usize = 256;
 
-fn inserter(pool: PgPool) -> Batcher<NewJob, Job, SharedDbError> {
+fn inserter(pool: PgPool) -> Batcher<NewJob, Result<Job, SharedDbError>, SharedDbError> {
     Batcher::spawn(INSERT_BATCH, move |jobs: Vec<NewJob>| {
         let pool = pool.clone();
-        async move { Ok(shared::db::jobs::insert_many(&pool, &jobs).await?) }
+        async move {
+            let each = shared::db::jobs::insert_each_if_refused(&pool, &jobs).await?;
+            Ok(each.into_iter().map(|job| job.map_err(SharedDbError::from)).collect())
+        }
     })
 }

@@ -38,7 +38,7 @@ impl Claimer {
 
 /// Records job outcomes for one worker.
 #[derive(Clone)]
-pub struct OutcomeWriter(Batcher<(Lease, Outcome), bool>);
+pub struct OutcomeWriter(Batcher<(Lease, Outcome), Result<bool, String>>);
 
 impl OutcomeWriter {
     pub fn spawn(pool: PgPool) -> Self {
@@ -46,8 +46,8 @@ impl OutcomeWriter {
             let pool = pool.clone();
             async move {
                 let refs: Vec<(Lease, &Outcome)> = outcomes.iter().map(|(lease, outcome)| (*lease, outcome)).collect();
-                let written = jobs::finish_many(&pool, &refs).await.map_err(|e| e.to_string())?;
-                Ok(outcomes.iter().map(|(lease, _)| written.contains(&lease.id)).collect())
+                let each = jobs::finish_each_if_refused(&pool, &refs).await.map_err(|e| e.to_string())?;
+                Ok(each.into_iter().map(|written| written.map_err(|e| e.to_string())).collect())
             }
         }))
     }
@@ -55,6 +55,6 @@ impl OutcomeWriter {
     /// Records `outcome` for the run holding `lease`: `Ok(false)` when the
     /// lease is no longer the job's (see [`jobs::finish`]).
     pub async fn write(&self, lease: Lease, outcome: Outcome) -> Result<bool, String> {
-        self.0.call((lease, outcome)).await
+        self.0.call((lease, outcome)).await?
     }
 }

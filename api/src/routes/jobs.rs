@@ -35,6 +35,19 @@ pub struct SubmitRequest {
     pub delay_seconds: Option<u64>,
 }
 
+/// The path of the first string (or key) in `value` holding U+0000.
+fn nul_in(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| nul_in(item, &format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(key, field)| {
+            let here = format!("{path}.{key}");
+            if key.contains('\0') { Some(here) } else { nul_in(field, &here) }
+        }),
+        _ => None,
+    }
+}
+
 /// Longest `delay_seconds` accepted: a year. Further out is a mistake, not a schedule.
 const MAX_DELAY_SECONDS: u64 = 366 * 24 * 3600;
 
@@ -51,6 +64,9 @@ impl SubmitRequest {
         let payload = self.payload.unwrap_or_else(|| Value::Object(Map::new()));
         if !payload.is_object() {
             problems.push(FieldProblem::new("payload", "must be a JSON object"));
+        } else if let Some(path) = nul_in(&payload, "payload") {
+            // Postgres' jsonb cannot store U+0000; say so now rather than fail the insert.
+            problems.push(FieldProblem::new(path, "contains U+0000, which cannot be stored; remove or escape it"));
         } else if let Some(kind) = kind
             && let Err(e) = kind.validate(&payload)
         {
@@ -130,7 +146,7 @@ pub async fn submit(
     let mut new_job = request.validate(&state.settings, caller.tenant)?;
     new_job.request_id = RequestId::of(&req);
     // Submissions arriving together share one insert and one commit.
-    let job = state.inserter.call(new_job).await?;
+    let job = state.inserter.call(new_job).await??;
     if job.status == JobStatus::Queued {
         publish(&state, vec![Enqueued::from(&job)]).await;
     }

@@ -117,6 +117,8 @@ async fn invalid_fields_are_422_with_their_paths(_: PgPoolOptionsUnused, connect
             &["payload.headers.bad header"],
         ),
         (json!({"type": "nope", "priority": 99, "queue": "x"}), &["type", "queue", "priority"]),
+        // Postgres cannot store U+0000 in jsonb: refused here, not by a failed insert.
+        (json!({"type": "echo", "payload": {"a": [1, {"b": "x\u{0}y"}]}}), &["payload.a[1].b"]),
     ];
     for (body, expected) in cases {
         let p = problem(&app, app.client.post(app.url("/v1/jobs")).json(body), StatusCode::UNPROCESSABLE_ENTITY).await;

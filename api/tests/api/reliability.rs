@@ -246,6 +246,20 @@ async fn a_late_confirm_of_an_earlier_stint_leaves_the_job_in_the_outbox(pool: s
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_postgres_refuses_fails_alone_not_its_whole_batch(pool: sqlx::PgPool) {
+    // Validation keeps such values out of the API; this is the safety net under it.
+    let good = shared::testing::new_job("echo", json!({"n": 1}));
+    let refused = shared::testing::new_job("echo", json!({"s": "x\u{0}y"}));
+    let also_good = shared::testing::new_job("echo", json!({"n": 2}));
+    let each = jobs::insert_each_if_refused(&pool, &[good.clone(), refused, also_good.clone()]).await.expect("batch");
+    let ok: Vec<bool> = each.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, false, true]);
+    let stored: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs ORDER BY id").fetch_all(&pool).await.expect("query");
+    assert_eq!(stored, [good.id, also_good.id]);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn each_outbox_sweep_reads_a_bounded_batch_oldest_first(pool: sqlx::PgPool) {
     // Oldest first: two cancelled jobs, then one still queued, all unconfirmed.
     let mut ids = Vec::new();

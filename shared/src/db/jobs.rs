@@ -2,10 +2,12 @@
 //! status = <expected> [AND attempt = <fence>]`, so two actors racing for the
 //! same job cannot both win, and a stale worker cannot overwrite a newer attempt.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use sqlx::{PgExecutor, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::job::{Job, JobFailure, JobStatus, NewJob};
@@ -28,7 +30,7 @@ pub async fn insert(db: impl PgExecutor<'_>, job: &NewJob) -> sqlx::Result<Job> 
 /// Inserts many jobs in one statement (see [`insert`]); returns them in the
 /// order given.
 pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Result<Vec<Job>> {
-    let mut inserted: Vec<Job> = sqlx::query_as(concat!(
+    let inserted: Vec<Job> = sqlx::query_as(concat!(
         "WITH inserted AS (\
          INSERT INTO jobs (id, tenant, queue, type, payload, status, priority, max_attempts, \
                            timeout_seconds, run_at, idempotency_key, request_id) \
@@ -59,14 +61,26 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> sqlx::Resu
     .fetch_all(db)
     .await?;
     // RETURNING does not promise the input's order.
-    let mut ordered = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match inserted.iter().position(|row| row.id == job.id) {
-            Some(i) => ordered.push(inserted.swap_remove(i)),
-            None => return Err(sqlx::Error::RowNotFound),
+    let mut by_id: HashMap<Uuid, Job> = inserted.into_iter().map(|job| (job.id, job)).collect();
+    jobs.iter().map(|job| by_id.remove(&job.id).ok_or(sqlx::Error::RowNotFound)).collect()
+}
+
+/// Like [`insert_many`], but when Postgres refuses the statement (not when it
+/// cannot be reached), each job is inserted on its own: a value one
+/// submission got past validation must fail that submission only, not the
+/// others of its batch (other tenants' among them).
+pub async fn insert_each_if_refused(db: &PgPool, jobs: &[NewJob]) -> sqlx::Result<Vec<sqlx::Result<Job>>> {
+    match insert_many(db, jobs).await {
+        Ok(inserted) => Ok(inserted.into_iter().map(Ok).collect()),
+        Err(e) if jobs.len() > 1 && !super::unavailable(&e) => {
+            let mut each = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                each.push(insert(db, job).await);
+            }
+            Ok(each)
         }
+        Err(e) => Err(e),
     }
-    Ok(ordered)
 }
 
 /// Records that RabbitMQ confirmed these jobs' messages, taking them out of
@@ -568,6 +582,27 @@ impl Outcome {
 /// whose job was rescued and claimed again meanwhile (a zombie).
 pub async fn finish(db: impl PgExecutor<'_>, lease: Lease, outcome: &Outcome) -> sqlx::Result<bool> {
     Ok(!finish_many(db, &[(lease, outcome)]).await?.is_empty())
+}
+
+/// Like [`finish_many`], answering for each outcome whether it was recorded;
+/// when Postgres refuses the statement (not when it cannot be reached), each
+/// outcome is written on its own, so that a result Postgres will not store
+/// fails only its own job's write.
+pub async fn finish_each_if_refused(
+    db: &PgPool,
+    outcomes: &[(Lease, &Outcome)],
+) -> sqlx::Result<Vec<sqlx::Result<bool>>> {
+    match finish_many(db, outcomes).await {
+        Ok(written) => Ok(outcomes.iter().map(|(lease, _)| Ok(written.contains(&lease.id))).collect()),
+        Err(e) if outcomes.len() > 1 && !super::unavailable(&e) => {
+            let mut each = Vec::with_capacity(outcomes.len());
+            for (lease, outcome) in outcomes {
+                each.push(finish(db, *lease, outcome).await);
+            }
+            Ok(each)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Records many outcomes in one statement (fenced one by one like [`finish`]);

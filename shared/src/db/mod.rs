@@ -18,6 +18,20 @@ pub const CANCEL_CHANNEL: &str = "conveyor_cancel";
 /// ended job changed or was deleted: a requeue or a prune. No payload.
 pub const ENDED_CHANGED_CHANNEL: &str = "conveyor_ended_changed";
 
+/// Whether `e` means Postgres could not be reached (answered 503 by the API,
+/// retried by workers), as opposed to a statement it refused.
+pub fn unavailable(e: &sqlx::Error) -> bool {
+    // Listed in full so a new variant is a conscious choice, not a silent 500.
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            // Class 08: connection exception; 57P01-03: admin shutdown, crash, cannot connect now.
+            db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
+        }
+        _ => false,
+    }
+}
+
 /// The migrations in `migrations/`, compiled in so a binary can migrate alone.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
