@@ -10,8 +10,8 @@
 //! so the cache empties and stays off until it listens again.
 //!
 //! A read that races an invalidation must not store what it read before it:
-//! take a [`Ticket`] before reading from Postgres and store with it; the entry
-//! is dropped if the cache was emptied in between.
+//! a miss hands out a [`Ticket`], taken before the read from Postgres, and
+//! storing with it does nothing if the cache was emptied in between.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -80,8 +80,9 @@ struct Inner {
     generation: u64,
     listening: bool,
     entries: HashMap<Uuid, Arc<Entry>>,
-    /// Insertion order, for eviction. May name ids already gone from `entries`.
-    order: VecDeque<Uuid>,
+    /// Insertion order, for eviction and expiry: each id with when it was
+    /// stored, so that a stale slot never evicts a newer entry of the same id.
+    order: VecDeque<(Uuid, Instant)>,
     bytes: usize,
 }
 
@@ -98,43 +99,55 @@ impl EndedJobs {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn get(&self, id: Uuid) -> Option<Arc<Entry>> {
+    /// The entry of `id`, or (when there is none) the [`Ticket`] to store
+    /// what the caller is about to read from Postgres.
+    pub fn get(&self, id: Uuid) -> Result<Arc<Entry>, Ticket> {
         let mut inner = self.lock();
-        let entry = inner.entries.get(&id)?;
-        if entry.stored_at.elapsed() < self.ttl {
-            return Some(Arc::clone(entry));
-        }
-        let size = entry.size();
-        inner.entries.remove(&id);
-        inner.bytes -= size;
-        None
+        self.expire(&mut inner);
+        inner.entries.get(&id).map(Arc::clone).ok_or(Ticket(inner.generation))
     }
 
-    pub fn ticket(&self) -> Ticket {
-        Ticket(self.lock().generation)
+    /// Drops entries older than the ttl, oldest first (they are in `order`).
+    fn expire(&self, inner: &mut Inner) {
+        while let Some(&(id, stored_at)) = inner.order.front() {
+            if stored_at.elapsed() < self.ttl {
+                break;
+            }
+            inner.order.pop_front();
+            Self::remove(inner, id, stored_at);
+        }
+    }
+
+    /// Removes `id`'s entry if it is the one stored at `stored_at`.
+    fn remove(inner: &mut Inner, id: Uuid, stored_at: Instant) {
+        if inner.entries.get(&id).is_some_and(|entry| entry.stored_at == stored_at)
+            && let Some(entry) = inner.entries.remove(&id)
+        {
+            inner.bytes -= entry.size();
+        }
     }
 
     /// Stores an ended job read after `ticket` was taken, unless the cache
     /// was emptied since (the read may predate the change that emptied it).
     pub fn insert(&self, ticket: Ticket, id: Uuid, tenant: &str, rendered: Rendered) {
-        let entry = Entry { tenant: tenant.to_owned(), rendered, stored_at: Instant::now() };
+        let stored_at = Instant::now();
+        let entry = Entry { tenant: tenant.to_owned(), rendered, stored_at };
         let size = entry.size();
         // One big job must not push out hundreds of small ones.
         if size > self.max_bytes / 64 {
             return;
         }
         let mut inner = self.lock();
+        self.expire(&mut inner);
         if !inner.listening || inner.generation != ticket.0 || inner.entries.contains_key(&id) {
             return;
         }
         while inner.bytes + size > self.max_bytes {
-            let Some(oldest) = inner.order.pop_front() else { break };
-            if let Some(evicted) = inner.entries.remove(&oldest) {
-                inner.bytes -= evicted.size();
-            }
+            let Some((oldest, at)) = inner.order.pop_front() else { break };
+            Self::remove(&mut inner, oldest, at);
         }
         inner.entries.insert(id, Arc::new(entry));
-        inner.order.push_back(id);
+        inner.order.push_back((id, stored_at));
         inner.bytes += size;
     }
 
@@ -198,6 +211,10 @@ mod tests {
         Rendered { body: Bytes::copy_from_slice(body.as_bytes()), etag: "\"x\"".to_owned() }
     }
 
+    fn ticket(cache: &EndedJobs, id: Uuid) -> Ticket {
+        cache.get(id).err().unwrap_or(Ticket(u64::MAX))
+    }
+
     fn listening(ttl: Duration, max_bytes: usize) -> EndedJobs {
         let cache = EndedJobs::new(ttl, max_bytes);
         cache.set_listening(true);
@@ -208,28 +225,28 @@ mod tests {
     fn serves_what_was_stored_until_it_expires() {
         let cache = listening(Duration::from_millis(50), 1 << 20);
         let id = Uuid::now_v7();
-        cache.insert(cache.ticket(), id, "t", rendered("{}"));
-        assert_eq!(cache.get(id).map(|e| e.tenant.clone()).as_deref(), Some("t"));
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        assert_eq!(cache.get(id).map(|e| e.tenant.clone()).ok().as_deref(), Some("t"));
         std::thread::sleep(Duration::from_millis(60));
-        assert!(cache.get(id).is_none());
+        assert!(cache.get(id).is_err());
     }
 
     #[test]
     fn a_read_older_than_a_clear_is_not_stored() {
         let cache = listening(Duration::from_secs(60), 1 << 20);
         let id = Uuid::now_v7();
-        let ticket = cache.ticket();
+        let before = ticket(&cache, id);
         cache.clear();
-        cache.insert(ticket, id, "t", rendered("{}"));
-        assert!(cache.get(id).is_none());
+        cache.insert(before, id, "t", rendered("{}"));
+        assert!(cache.get(id).is_err());
     }
 
     #[test]
     fn stores_nothing_while_not_listening() {
         let cache = EndedJobs::new(Duration::from_secs(60), 1 << 20);
         let id = Uuid::now_v7();
-        cache.insert(cache.ticket(), id, "t", rendered("{}"));
-        assert!(cache.get(id).is_none());
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        assert!(cache.get(id).is_err());
     }
 
     #[test]
@@ -239,10 +256,25 @@ mod tests {
         let cache = listening(Duration::from_secs(60), size * 64);
         let ids: Vec<_> = (0..65).map(|_| Uuid::now_v7()).collect();
         for id in &ids {
-            cache.insert(cache.ticket(), *id, "t", rendered(&body));
+            cache.insert(ticket(&cache, *id), *id, "t", rendered(&body));
         }
-        assert!(cache.get(ids[0]).is_none(), "the oldest makes room");
-        assert!(ids[1..].iter().all(|id| cache.get(*id).is_some()));
+        assert!(cache.get(ids[0]).is_err(), "the oldest makes room");
+        assert!(ids[1..].iter().all(|id| cache.get(*id).is_ok()));
         assert_eq!(cache.lock().bytes, size * 64);
+    }
+
+    #[test]
+    fn expired_entries_leave_no_trace() {
+        let cache = listening(Duration::from_millis(20), 1 << 20);
+        for _ in 0..10 {
+            let id = Uuid::now_v7();
+            cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let id = Uuid::now_v7();
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        let inner = cache.lock();
+        assert_eq!((inner.entries.len(), inner.order.len()), (1, 1), "no slot kept for an expired entry");
+        assert_eq!(inner.bytes, 2 + 3 + 1 + 128);
     }
 }

@@ -172,17 +172,19 @@ pub async fn get(
     caller.require(Scope::JobsRead)?;
     let id = parse_id(&id)?;
     let max_age = state.settings.http.ended_cache_seconds;
-    if let Some(entry) = state.ended.get(id) {
-        // Another tenant's job is "not found", exactly as from the database.
-        if entry.tenant != caller.tenant {
-            return Err(not_found(id));
+    let ticket = match state.ended.get(id) {
+        Ok(entry) => {
+            // Another tenant's job is "not found", exactly as from the database.
+            if entry.tenant != caller.tenant {
+                return Err(not_found(id));
+            }
+            let mut response = respond(&req, &entry.rendered, Freshness::Ended { max_age });
+            // Served from memory: say how old it is, as any cache would (RFC 9111).
+            response.headers_mut().insert(header::AGE, header::HeaderValue::from(entry.age()));
+            return Ok(response);
         }
-        let mut response = respond(&req, &entry.rendered, Freshness::Ended { max_age });
-        // Served from memory: say how old it is, as any cache would (RFC 9111).
-        response.headers_mut().insert(header::AGE, header::HeaderValue::from(entry.age()));
-        return Ok(response);
-    }
-    let ticket = state.ended.ticket();
+        Err(ticket) => ticket,
+    };
     let job = jobs::get(&state.pool, &caller.tenant, id).await?.ok_or_else(|| not_found(id))?;
     let rendered = Rendered::of(&job).map_err(|e| ApiError::Internal(format!("rendering job {id}: {e}")))?;
     let freshness = Freshness::of(&job, max_age);
