@@ -227,7 +227,14 @@ impl Settings {
             check(queue.weight >= 1, || format!("queues.{name}.weight must be at least 1"))?;
         }
         self.check_worker_queues(&self.worker.queues)?;
-        check(self.worker.concurrency >= 1, || "worker.concurrency must be at least 1".into())?;
+        let worker = &self.worker;
+        check(worker.concurrency >= 1, || "worker.concurrency must be at least 1".into())?;
+        check(worker.heartbeat_seconds >= 1, || "worker.heartbeat_seconds must be at least 1".into())?;
+        check(worker.lease_seconds >= worker.heartbeat_seconds.saturating_mul(2), || {
+            "worker.lease_seconds must be at least 2 × worker.heartbeat_seconds, or healthy workers lose their jobs"
+                .into()
+        })?;
+        check(worker.reconcile_interval_ms >= 1, || "worker.reconcile_interval_ms must be at least 1".into())?;
         Ok(())
     }
 
@@ -327,6 +334,10 @@ mod tests {
     fn a_bad_value_names_its_key() {
         assert!(error_of(&[("CONVEYOR__HTTP__PORT", "eighty")]).contains("http.port"));
         assert!(error_of(&[("CONVEYOR__HTTP__PORT", "70000")]).contains("http.port"));
+        // Zero intervals would panic a background loop; a lease near the heartbeat would lapse.
+        assert!(error_of(&[("CONVEYOR__WORKER__HEARTBEAT_SECONDS", "0")]).contains("worker.heartbeat_seconds"));
+        assert!(error_of(&[("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", "0")]).contains("reconcile_interval_ms"));
+        assert!(error_of(&[("CONVEYOR__WORKER__LEASE_SECONDS", "9")]).contains("worker.lease_seconds"));
         assert!(error_of(&[("CONVEYOR__WORKER__CONCURRENCY", "0")]).contains("worker.concurrency"));
         assert!(error_of(&[("CONVEYOR__LOG__FORMAT", "xml")]).contains("log.format"));
         assert!(error_of(&[("CONVEYOR__WORKER__QUEUES", "nope")]).contains("worker.queues"));

@@ -102,7 +102,7 @@ impl Reconciler {
             let full = due.len() as i64 == BATCH;
             if !due.is_empty() {
                 tracing::debug!(count = due.len(), "queued due jobs");
-                outbox::publish(&self.publisher, &self.pool, due).await?;
+                self.publish(due).await;
             }
             if !full {
                 break;
@@ -116,8 +116,18 @@ impl Reconciler {
         let unpublished = jobs::unpublished(&mut **connection, self.outbox_grace_seconds, BATCH).await?;
         if !unpublished.is_empty() {
             tracing::info!(count = unpublished.len(), "republishing jobs whose publish was never confirmed");
-            outbox::publish(&self.publisher, &self.pool, unpublished).await?;
+            self.publish(unpublished).await;
         }
         Ok(())
+    }
+
+    /// Publishes jobs the pass moved or found. Recording the confirms uses
+    /// the shared pool, not the lock's connection, so its failure must not end
+    /// the pass (and give up the lock): unrecorded jobs stay in the outbox and
+    /// a later pass publishes them again.
+    async fn publish(&self, jobs: Vec<jobs::Enqueued>) {
+        if let Err(e) = outbox::publish(&self.publisher, &self.pool, jobs).await {
+            tracing::warn!(error = %e, "could not record publishes; the outbox sweep will publish them again");
+        }
     }
 }
