@@ -87,7 +87,7 @@ async fn requeue_ids(publisher: &Publisher, pool: &PgPool, ids: &[Uuid], dry_run
     let found = jobs::statuses(pool, ids).await.context("Failed to read the jobs")?;
     for id in ids {
         match found.iter().find(|(found, _)| found == id) {
-            None => bail!("no job {id}; nothing was requeued"),
+            None => bail!("no job {id}; nothing was requeued (`api jobs list --status failed` shows candidates)"),
             Some((_, JobStatus::Failed | JobStatus::Cancelled)) => {}
             Some((_, status)) => {
                 bail!("job {id} is {status}; only failed or cancelled jobs can be requeued (nothing was requeued)")
@@ -161,7 +161,7 @@ pub async fn jobs(pool: &PgPool, command: JobsCommand, out: &mut impl Write) -> 
         }
         JobsCommand::Show { id, json } => {
             let Some(job) = jobs::get_scoped(pool, None, id).await.context("Failed to read the job")? else {
-                bail!("no job {id}");
+                bail!("no job {id} (`api jobs list` shows the newest)");
             };
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&job)?)?;
@@ -260,7 +260,7 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
         }
         KeysCommand::Revoke { key_id } => match keys::revoke(pool, key_id).await.context("Failed to revoke")? {
             Some(key) => writeln!(out, "revoked key {} (tenant {}, prefix {})", key.id, key.tenant, key.prefix)?,
-            None => bail!("no key {key_id}"),
+            None => bail!("no key {key_id} (`api keys list` shows them)"),
         },
     }
     Ok(())

@@ -68,7 +68,12 @@ impl Verifier {
         // Only the configured algorithms, each with its own key: a token cannot
         // pick HS256 and have the RSA public key used as its HMAC secret.
         let Some((_, key, validation)) = self.keys.iter().find(|(alg, _, _)| *alg == header.alg) else {
-            return Err(ApiError::Unauthorized(format!("JWTs signed with {:?} are not accepted", header.alg)));
+            let accepted: Vec<String> = self.keys.iter().map(|(alg, _, _)| format!("{alg:?}")).collect();
+            return Err(ApiError::Unauthorized(format!(
+                "JWTs signed with {:?} are not accepted; this server accepts {}",
+                header.alg,
+                accepted.join(", ")
+            )));
         };
         let claims = decode::<Claims>(token, key, validation).map_err(invalid)?.claims;
         if claims.sub.is_empty() {

@@ -127,7 +127,11 @@ impl Caller {
         if self.scopes.grant(scope) {
             Ok(self)
         } else {
-            Err(ApiError::Forbidden(format!("this token lacks the {} scope", scope.as_str())))
+            Err(ApiError::Forbidden(format!(
+                "this token lacks the {scope} scope; use a key created with `api keys create --scopes {scope}` \
+                 (or admin)",
+                scope = scope.as_str()
+            )))
         }
     }
 }
@@ -140,7 +144,8 @@ impl FromRequest for Caller {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let header = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().map(str::to_owned));
         Box::pin(async move {
-            let state = state.ok_or_else(|| ApiError::Unauthorized("no authenticator".into()))?;
+            // A wiring fault of the server, not the client's: a 500, not a 401.
+            let state = state.ok_or_else(|| ApiError::Internal("the route has no application state".into()))?;
             let token = match header {
                 None => return Err(ApiError::Unauthorized("send Authorization: Bearer <token>".into())),
                 Some(Err(_)) => return Err(ApiError::Unauthorized("the Authorization header is not text".into())),
@@ -186,13 +191,21 @@ impl Authenticator {
                 Some(key) if keys::matches(token, &key.secret_hash) => {
                     Ok(Caller { tenant: key.tenant, scopes: key.scopes })
                 }
-                _ => Err(ApiError::Unauthorized("unknown or revoked API key".into())),
+                _ => Err(ApiError::Unauthorized(
+                    "unknown or revoked API key; create one with `api keys create` (an operator can list them \
+                     with `api keys list`)"
+                        .into(),
+                )),
             };
         }
         match &self.jwt {
             Some(verifier) if token.matches('.').count() == 2 => verifier.verify(token),
-            Some(_) => Err(ApiError::Unauthorized("the token is neither an API key nor a JWT".into())),
-            None => Err(ApiError::Unauthorized("the token is not an API key".into())),
+            Some(_) => Err(ApiError::Unauthorized(
+                "the token is neither an API key (cvk_<12 hex>_<64 hex>) nor a JWT (three dot-separated parts)".into(),
+            )),
+            None => Err(ApiError::Unauthorized(
+                "the token is not an API key: expected cvk_<12 hex>_<64 hex>, as printed by `api keys create`".into(),
+            )),
         }
     }
 

@@ -271,7 +271,10 @@ pub async fn cancel(
     let id = parse_id(&id)?;
     match jobs::cancel(&state.pool, &caller.tenant, id).await? {
         Cancel::Cancelled(job) | Cancel::Requested(job) => Ok(HttpResponse::Ok().json(&job)),
-        Cancel::Terminal(job) => Err(ApiError::Conflict(format!("job {id} has already ended: {}", job.status))),
+        Cancel::Terminal(job) => Err(ApiError::Conflict(format!(
+            "job {id} has already ended: {}; a failed or cancelled job can be requeued (POST /v1/jobs/{id}/requeue)",
+            job.status
+        ))),
         Cancel::NotFound => Err(not_found(id)),
     }
 }
