@@ -333,8 +333,16 @@ async fn submit_load(api: &Rc<Api>, load: &Load) -> (Duration, Vec<u64>, BTreeMa
     (started.elapsed(), latencies, codes)
 }
 
-fn per_second(n: usize, took: Duration) -> f64 {
-    (n as f64 / took.as_secs_f64()).round()
+/// Accepted jobs (202s) per second: a refused submission is not throughput.
+fn accepted_per_second(codes: &BTreeMap<u16, u64>, took: Duration) -> f64 {
+    (codes.get(&202).copied().unwrap_or(0) as f64 / took.as_secs_f64()).round()
+}
+
+/// Samples the RSS of the API and of `workers` until `finish`.
+fn watch(api_process: &[(String, u32)], workers: &WorkerProcesses) -> RssSampler {
+    let mut watched = api_process.to_vec();
+    watched.extend(workers.pids());
+    RssSampler::start(watched)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Value> {
@@ -351,7 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             let rss = rss.finish();
             let report = json!({
                 "mode": "submit", "n": load.n, "concurrency": load.concurrency,
-                "jobs_per_s": per_second(load.n, took), "latency": percentiles(latencies),
+                "jobs_per_s": accepted_per_second(&codes, took), "latency": percentiles(latencies),
                 "status": codes, "rss_mib": rss,
             });
             println!(
@@ -364,9 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             settle(&api, &drained.workers).await?;
             let (_, _, codes) = submit_load(&api, &drained.load).await;
             let workers = WorkerProcesses::start(&drained.workers).await?;
-            let mut watched = api_process.clone();
-            watched.extend(workers.pids());
-            let rss = RssSampler::start(watched);
+            let rss = watch(&api_process, &workers);
             let started = Instant::now();
             api.wait_all_done(Duration::from_secs(600)).await?;
             let took = started.elapsed();
@@ -375,7 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             let report = json!({
                 "mode": "drain", "n": drained.load.n, "workers": drained.workers.workers,
                 "worker_concurrency": drained.workers.worker_concurrency,
-                "jobs_per_s": per_second(drained.load.n, took), "seconds": took.as_secs_f64(),
+                "jobs_per_s": accepted_per_second(&codes, took), "seconds": took.as_secs_f64(),
                 "submit_status": codes, "rss_mib": rss,
             });
             println!(
@@ -395,9 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             // before the clock starts.
             tokio::time::sleep(Duration::from_secs(1)).await;
             api.wait_all_done(Duration::from_secs(600)).await?;
-            let mut watched = api_process.clone();
-            watched.extend(workers.pids());
-            let rss = RssSampler::start(watched);
+            let rss = watch(&api_process, &workers);
             let started = Instant::now();
             let (_, latencies, codes) = submit_load(&api, &drained.load).await;
             api.wait_all_done(Duration::from_secs(600)).await?;
@@ -407,7 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             let report = json!({
                 "mode": "e2e", "n": drained.load.n, "concurrency": drained.load.concurrency,
                 "workers": drained.workers.workers, "worker_concurrency": drained.workers.worker_concurrency,
-                "jobs_per_s": per_second(drained.load.n, took), "submit_latency": percentiles(latencies),
+                "jobs_per_s": accepted_per_second(&codes, took), "submit_latency": percentiles(latencies),
                 "status": codes, "rss_mib": rss,
             });
             println!(
@@ -424,9 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
         Mode::Latency(latency) => {
             let workers = WorkerProcesses::start(&latency.workers).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let mut watched = api_process.clone();
-            watched.extend(workers.pids());
-            let rss = RssSampler::start(watched);
+            let rss = watch(&api_process, &workers);
             let interval = Duration::from_secs_f64(1.0 / f64::from(latency.rate.max(1)));
             let total = latency.rate as u64 * latency.duration;
             let mut ticks = tokio::time::interval(interval);
