@@ -147,6 +147,18 @@ async fn cancel_works_in_every_state(_: PgPoolOptionsUnused, connect: PgConnectO
     app.stop().await;
 }
 
+/// A proxy to the test's Postgres, and connect options that go through it.
+async fn postgres_proxy(connect: &PgConnectOptions) -> (Proxy, PgConnectOptions) {
+    let postgres = tokio::net::lookup_host((connect.get_host(), connect.get_port()))
+        .await
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .expect("the test's Postgres resolves");
+    let proxy = Proxy::start(postgres).await;
+    let proxied = connect.clone().host("127.0.0.1").port(proxy.port);
+    (proxy, proxied)
+}
+
 /// An API that reaches RabbitMQ through a proxy that is cut: its publishes
 /// fail after the row is committed. The outbox is swept after 1 s.
 async fn app_behind_cut_broker(connect: PgConnectOptions) -> (TestApp, Proxy) {
@@ -368,10 +380,7 @@ async fn jobs_survive_the_broker_connection_being_cut_mid_stream(_: PgPoolOption
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn requests_fail_fast_with_503_while_postgres_is_cut_off(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let postgres: std::net::SocketAddr =
-        format!("{}:{}", connect.get_host(), connect.get_port()).parse().expect("addr");
-    let proxy = Proxy::start(postgres).await;
-    let proxied = connect.clone().host("127.0.0.1").port(proxy.port);
+    let (proxy, proxied) = postgres_proxy(&connect).await;
     let app = spawn_app_with(proxied, |s| s.database.acquire_timeout_ms = 1000).await;
     let job = app.submit_ok(&json!({"type": "noop", "delay_seconds": 600})).await;
 
@@ -400,21 +409,21 @@ async fn requests_fail_fast_with_503_while_postgres_is_cut_off(_: PgPoolOptionsU
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn workers_carry_on_after_postgres_comes_back(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     // The workers reach Postgres through a proxy; the API and the test directly.
-    let postgres: std::net::SocketAddr =
-        format!("{}:{}", connect.get_host(), connect.get_port()).parse().expect("addr");
-    let proxy = Proxy::start(postgres).await;
-    let mut app = spawn_app_with(connect.clone(), fast).await;
+    let (proxy, proxied) = postgres_proxy(&connect).await;
+    let mut app = spawn_app_with(connect, fast).await;
     let worker_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(1))
-        .connect_lazy_with(connect.host("127.0.0.1").port(proxy.port));
+        .connect_lazy_with(proxied);
     app.spawn_worker_on(worker_pool.clone(), &["default"], 4);
 
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(app.submit_ok(&json!({"type": "sleep", "payload": {"ms": 300}})).await.id);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Cut while jobs run: each worker slot holds one.
+    let running = wait_until(Duration::from_secs(10), || async { app.count_in(JobStatus::Running).await == 4 }).await;
+    assert!(running, "the worker started four sleep jobs");
     proxy.cut();
     for _ in 0..5 {
         ids.push(app.submit_ok(&json!({"type": "noop"})).await.id);
