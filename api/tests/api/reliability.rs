@@ -272,6 +272,38 @@ async fn a_job_postgres_refuses_fails_alone_not_its_whole_batch(pool: sqlx::PgPo
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_whose_cancel_was_requested_is_never_retried(pool: sqlx::PgPool) {
+    let pool = &pool;
+    let worker = uuid::Uuid::now_v7();
+    let running = || async {
+        let job = jobs::insert(pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert");
+        let claimed = jobs::claim(pool, job.id, worker, 30).await.expect("claim").expect("queued");
+        assert!(matches!(jobs::cancel(pool, "default", job.id).await.expect("cancel"), jobs::Cancel::Requested(_)));
+        claimed
+    };
+    let status_of = |id| async move { jobs::status(pool, id).await.expect("status").expect("exists") };
+
+    // Its handler failed retryably instead of stopping.
+    let failed = running().await;
+    let error =
+        shared::job::JobFailure { message: "boom".to_owned(), kind: FailureKind::Retryable, attempt: failed.attempt };
+    let outcome = Outcome::Retrying { error, retry_at: chrono::Utc::now() };
+    let lease = Lease { id: failed.id, token: failed.lease_token };
+    assert!(jobs::finish(pool, lease, &outcome).await.expect("finish"));
+    assert_eq!(status_of(failed.id).await, JobStatus::Cancelled);
+
+    // Its worker was lost.
+    let lost = running().await;
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(lost.id)
+        .execute(pool)
+        .await
+        .expect("expire the lease");
+    assert_eq!(jobs::rescue_expired(pool, 10).await.expect("rescue"), 1);
+    assert_eq!(status_of(lost.id).await, JobStatus::Cancelled);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn each_outbox_sweep_reads_a_bounded_batch_oldest_first(pool: sqlx::PgPool) {
     // Oldest first: two cancelled jobs, then one still queued, all unconfirmed.
     let mut ids = Vec::new();

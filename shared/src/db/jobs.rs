@@ -506,9 +506,12 @@ pub async fn queue_due(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<
 /// (`retrying`, due now); on their last attempt they fail. Returns how many.
 pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
     let done = sqlx::query(
-        "UPDATE jobs SET status = CASE WHEN attempt < max_attempts THEN 'retrying' ELSE 'failed' END, \
+        // A job whose cancel was requested is not retried: it ends cancelled.
+        "UPDATE jobs SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+                                       WHEN attempt < max_attempts THEN 'retrying' ELSE 'failed' END, \
                          run_at = now(), \
-                         finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE now() END, \
+                         finished_at = CASE WHEN cancel_requested_at IS NULL AND attempt < max_attempts \
+                                            THEN NULL ELSE now() END, \
                          error = jsonb_build_object('message', 'the worker running this attempt was lost (lease expired)', \
                                                     'kind', 'lease_expired', 'attempt', attempt), \
                          lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
@@ -626,9 +629,14 @@ pub async fn finish_many(db: impl PgExecutor<'_>, outcomes: &[(Lease, &Outcome)]
         retry_ats.push(retry_at);
     }
     sqlx::query_scalar(
-        "UPDATE jobs SET status = o.status, result = o.result, error = COALESCE(o.error, jobs.error), \
+        // A retry of a job whose cancel was requested (its handler failed
+        // without stopping) would run it again: it ends cancelled instead.
+        "UPDATE jobs SET status = CASE WHEN o.status = 'retrying' AND jobs.cancel_requested_at IS NOT NULL \
+                                       THEN 'cancelled' ELSE o.status END, \
+                         result = o.result, error = COALESCE(o.error, jobs.error), \
                          run_at = COALESCE(o.retry_at, jobs.run_at), \
-                         finished_at = CASE WHEN o.status = 'retrying' THEN NULL ELSE now() END, \
+                         finished_at = CASE WHEN o.status = 'retrying' AND jobs.cancel_requested_at IS NULL \
+                                            THEN NULL ELSE now() END, \
                          lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[]) \
               AS o(id, token, status, result, error, retry_at) \
