@@ -53,6 +53,7 @@ pub struct AmqpSettings {
     pub url: String,
     pub namespace: String,
     pub confirm_timeout_ms: u64,
+    pub heartbeat_seconds: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,6 +125,7 @@ pub struct WorkerSettings {
     pub heartbeat_seconds: u32,
     pub lease_seconds: u32,
     pub reconcile_interval_ms: u64,
+    pub leader_ttl_seconds: u32,
     pub outbox_grace_seconds: u32,
 }
 
@@ -198,10 +200,16 @@ impl Settings {
         check(self.database.max_connections >= 1, || "database.max_connections must be at least 1".into())?;
         check(self.database.acquire_timeout_ms >= 1, || "database.acquire_timeout_ms must be at least 1".into())?;
         check(self.amqp.url.starts_with("amqp"), || "amqp.url must be an amqp:// URL".into())?;
+        if let Err(e) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(ConfigError(format!("amqp.url is not a valid AMQP URL: {e}")));
+        }
         check(is_name(&self.amqp.namespace), || {
             format!("amqp.namespace {:?} must be 1-64 of [a-zA-Z0-9_-]", self.amqp.namespace)
         })?;
         check(self.amqp.confirm_timeout_ms >= 1, || "amqp.confirm_timeout_ms must be at least 1".into())?;
+        check(self.amqp.heartbeat_seconds >= 1, || {
+            "amqp.heartbeat_seconds must be at least 1: without heartbeats a frozen worker keeps its messages".into()
+        })?;
         check(self.http.body_limit_bytes >= 1024, || "http.body_limit_bytes must be at least 1024".into())?;
         check(self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32, || {
             "auth.jwt_hs256_secret must be at least 32 bytes (or empty to turn HS256 off)".into()
@@ -235,6 +243,12 @@ impl Settings {
                 .into()
         })?;
         check(worker.reconcile_interval_ms >= 1, || "worker.reconcile_interval_ms must be at least 1".into())?;
+        check(worker.leader_ttl_seconds >= 1, || "worker.leader_ttl_seconds must be at least 1".into())?;
+        check(worker.reconcile_interval_ms.saturating_mul(2) <= u64::from(worker.leader_ttl_seconds) * 1000, || {
+            "worker.reconcile_interval_ms must be at most half of worker.leader_ttl_seconds: \
+             the active reconciler renews its leadership at every pass"
+                .into()
+        })?;
         Ok(())
     }
 
@@ -273,6 +287,16 @@ impl JobSettings {
 impl AmqpSettings {
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.confirm_timeout_ms)
+    }
+}
+
+impl WorkerSettings {
+    pub fn leader_ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.leader_ttl_seconds))
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(u64::from(self.heartbeat_seconds))
     }
 }
 
@@ -339,9 +363,21 @@ mod tests {
         assert!(error_of(&[("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", "0")]).contains("reconcile_interval_ms"));
         assert!(error_of(&[("CONVEYOR__WORKER__LEASE_SECONDS", "9")]).contains("worker.lease_seconds"));
         assert!(error_of(&[("CONVEYOR__WORKER__CONCURRENCY", "0")]).contains("worker.concurrency"));
+        assert!(error_of(&[("CONVEYOR__WORKER__LEADER_TTL_SECONDS", "0")]).contains("worker.leader_ttl_seconds"));
+        // A leader passing less often than half its lease would let it lapse between passes.
+        assert!(
+            error_of(&[
+                ("CONVEYOR__WORKER__LEADER_TTL_SECONDS", "2"),
+                ("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", "1500")
+            ])
+            .contains("worker.reconcile_interval_ms")
+        );
+        assert!(error_of(&[("CONVEYOR__AMQP__HEARTBEAT_SECONDS", "0")]).contains("amqp.heartbeat_seconds"));
+        assert!(error_of(&[("CONVEYOR__AMQP__HEARTBEAT_SECONDS", "70000")]).contains("amqp.heartbeat_seconds"));
         assert!(error_of(&[("CONVEYOR__LOG__FORMAT", "xml")]).contains("log.format"));
         assert!(error_of(&[("CONVEYOR__WORKER__QUEUES", "nope")]).contains("worker.queues"));
         assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("database.url"));
+        assert!(error_of(&[("AMQP_URL", "amqp://h:port/v")]).contains("amqp.url"));
     }
 
     #[test]

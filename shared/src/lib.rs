@@ -8,9 +8,9 @@
 //! - [`config`]: layered settings (defaults, file, environment), validated once.
 //! - [`job`]: job states, the stored job, failures.
 //! - [`kinds`]: the job types and their registry.
-//! - [`db`]: the pool, migrations, and every query on `jobs`.
+//! - [`db`]: the pool, migrations, and every query (jobs, workers, the reconciler's leadership).
 //! - [`outbox`]: publishing committed jobs and recording the confirms.
-//! - [`queue`]: the RabbitMQ message, topology and publisher.
+//! - [`queue`]: the RabbitMQ message, topology, publisher, and the deliveries a worker consumes.
 //! - [`signal`]: SIGINT/SIGTERM handling.
 //! - [`telemetry`]: logging set-up.
 //! - `testing` (feature `test-util`): per-test namespaces for integration tests.

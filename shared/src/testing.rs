@@ -14,6 +14,16 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// Settings for a helper's own short connection to the test broker.
+fn amqp_settings(namespace: &str) -> crate::config::AmqpSettings {
+    crate::config::AmqpSettings {
+        url: amqp_url(),
+        namespace: namespace.to_owned(),
+        confirm_timeout_ms: 5000,
+        heartbeat_seconds: 10,
+    }
+}
+
 /// A RabbitMQ namespace of one test. Dropping it deletes its queues and exchanges.
 #[derive(Debug)]
 pub struct AmqpNamespace {
@@ -41,11 +51,7 @@ impl Drop for AmqpNamespace {
                 return;
             };
             rt.block_on(async move {
-                let settings = crate::config::AmqpSettings {
-                    url: amqp_url(),
-                    namespace: "cleanup".to_owned(),
-                    confirm_timeout_ms: 5000,
-                };
+                let settings = amqp_settings("cleanup");
                 let Ok(connection) = rabbitmq::connect(&settings, "conveyor-test-cleanup").await else {
                     return;
                 };
@@ -106,8 +112,7 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
 
 /// A short-lived connection and channel to the test broker, for looking at queues.
 async fn channel() -> lapin::Channel {
-    let settings =
-        crate::config::AmqpSettings { url: amqp_url(), namespace: "inspect".to_owned(), confirm_timeout_ms: 5000 };
+    let settings = amqp_settings("inspect");
     let connection = match rabbitmq::connect(&settings, "conveyor-test-inspect").await {
         Ok(connection) => connection,
         Err(e) => panic!("tests need RabbitMQ at {}: {e}", amqp_url()),
@@ -137,6 +142,41 @@ impl AmqpNamespace {
         }
     }
 
+    /// Deletes the ready messages of Conveyor queue `queue`, as an operator's
+    /// purge (or a lost broker node) would; returns how many went.
+    pub async fn purge(&self, queue: &str) -> u32 {
+        let rabbit_queue = Names::new(&self.name).queue(queue);
+        match channel().await.queue_purge(rabbit_queue.into(), Default::default()).await {
+            Ok(purged) => purged,
+            Err(e) => panic!("queue.purge failed: {e}"),
+        }
+    }
+
+    /// Takes `n` messages off Conveyor queue `queue` without acknowledging
+    /// them, as a worker holding them in its prefetch would: they stay
+    /// delivered (not ready) until the returned value is dropped.
+    pub async fn hold(&self, queue: &str, n: u16) -> HeldMessages {
+        use futures_lite::StreamExt as _;
+        let channel = channel().await;
+        let rabbit_queue = Names::new(&self.name).queue(queue);
+        let consumed = async {
+            channel.basic_qos(n, Default::default()).await?;
+            let mut consumer = channel
+                .basic_consume(rabbit_queue.into(), "holder".into(), Default::default(), Default::default())
+                .await?;
+            for _ in 0..n {
+                if let Some(delivery) = consumer.next().await {
+                    delivery?;
+                }
+            }
+            Ok::<_, lapin::Error>(consumer)
+        };
+        match consumed.await {
+            Ok(consumer) => HeldMessages { _consumer: consumer, _channel: channel },
+            Err(e) => panic!("could not take messages: {e}"),
+        }
+    }
+
     /// Takes one message off Conveyor queue `queue`, in the order a consumer would get it.
     pub async fn take(&self, queue: &str) -> Option<(Vec<u8>, lapin::BasicProperties)> {
         let rabbit_queue = Names::new(&self.name).queue(queue);
@@ -162,6 +202,13 @@ impl AmqpNamespace {
             panic!("raw publish failed: {e}");
         }
     }
+}
+
+/// Messages taken and not acknowledged (see [`AmqpNamespace::hold`]); dropping
+/// this closes their connection, and RabbitMQ puts them back in their queue.
+pub struct HeldMessages {
+    _consumer: lapin::Consumer,
+    _channel: lapin::Channel,
 }
 
 /// A TCP proxy for breaking connections on purpose: it forwards to
@@ -236,5 +283,17 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// Makes a made-up process the reconciler's leader (for a minute), for tests
+/// that call the reconciler's statements directly; its term fences them.
+pub async fn lead(db: &sqlx::PgPool) -> crate::db::leadership::Term {
+    use crate::db::leadership::{self, Claim};
+    let holder = uuid::Uuid::now_v7();
+    match leadership::claim(db, leadership::RECONCILER, holder, std::time::Duration::from_secs(60)).await {
+        Ok(Claim::Held { term, .. }) => term,
+        Ok(Claim::Elsewhere { holder, .. }) => panic!("the reconciler's leadership is held by {holder}"),
+        Err(e) => panic!("could not take the reconciler's leadership: {e}"),
     }
 }

@@ -12,15 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
 use shared::config::JobSettings;
 use shared::db::jobs::{self, Claimed, Lease, Outcome};
 use shared::job::{FailureKind, JobFailure};
 use shared::kinds::{self, JobContext, JobError};
 use shared::outbox;
-use shared::queue::{Message, Publisher};
+use shared::queue::{Delivery, Message, Publisher};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -161,11 +159,11 @@ impl Executor {
     /// Handles one delivery to the end. Never panics and never returns an error:
     /// whatever happens is acknowledged, dead-lettered or handed back, and logged.
     pub async fn handle(&self, delivery: Delivery) {
-        let message: Message = match serde_json::from_slice(&delivery.data) {
+        let message = match delivery.message() {
             Ok(message) => message,
             Err(e) => {
-                tracing::warn!(error = %e, routing_key = %delivery.routing_key, "unparseable message; dead-lettering it");
-                reject(&delivery, false).await;
+                tracing::warn!(error = %e, queue = %delivery.queue(), "unparseable message; dead-lettering it");
+                settle(delivery.dead_letter(), "dead-letter").await;
                 return;
             }
         };
@@ -180,18 +178,18 @@ impl Executor {
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "could not claim job; handing the message back");
                 tokio::time::sleep(DB_ERROR_BACKOFF).await;
-                reject(&delivery, true).await;
+                settle(delivery.requeue(), "requeue").await;
                 return;
             }
         };
         let Some(job) = claimed else {
-            self.drop_unclaimable(job_id, &delivery).await;
+            self.drop_unclaimable(job_id, delivery).await;
             return;
         };
         // The claim is committed: from here on Postgres holds the job (its lease),
         // so the message has done its work. If this ack is lost, the redelivered
         // message finds the job running and is dropped.
-        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        if let Err(e) = delivery.ack().await {
             tracing::warn!(job.id = %job_id, error = %e, "could not acknowledge a claimed job's message");
         }
         let request_id = job.request_id.clone().unwrap_or_default();
@@ -202,22 +200,20 @@ impl Executor {
     /// A message whose job is not queued: a duplicate (already claimed), or for
     /// a job finished or cancelled meanwhile. Dropped. A message for a job that
     /// does not exist at all is dead-lettered, to be looked at.
-    async fn drop_unclaimable(&self, job_id: Uuid, delivery: &Delivery) {
+    async fn drop_unclaimable(&self, job_id: Uuid, delivery: Delivery) {
         match jobs::status(&self.pool, job_id).await {
             Ok(Some(status)) => {
                 tracing::debug!(job.id = %job_id, %status, "job is not queued; dropping its message");
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(job.id = %job_id, error = %e, "could not acknowledge a message");
-                }
+                settle(delivery.ack(), "acknowledge").await;
             }
             Ok(None) => {
                 tracing::warn!(job.id = %job_id, "message for a job that does not exist; dead-lettering it");
-                reject(delivery, false).await;
+                settle(delivery.dead_letter(), "dead-letter").await;
             }
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "could not read job status; handing the message back");
                 tokio::time::sleep(DB_ERROR_BACKOFF).await;
-                reject(delivery, true).await;
+                settle(delivery.requeue(), "requeue").await;
             }
         }
     }
@@ -361,11 +357,11 @@ impl Executor {
     }
 }
 
-/// Nacks a delivery: back to its queue (`requeue`) or to the dead-letter queue.
-async fn reject(delivery: &Delivery, requeue: bool) {
-    let options = BasicNackOptions { requeue, ..BasicNackOptions::default() };
-    if let Err(e) = delivery.acker.nack(options).await {
-        tracing::warn!(error = %e, requeue, "could not reject a message");
+/// Waits for a settlement of a delivery, logging one that failed: the message
+/// then stays with RabbitMQ, which delivers it again.
+async fn settle(settled: impl Future<Output = Result<(), shared::queue::QueueError>>, what: &str) {
+    if let Err(e) = settled.await {
+        tracing::warn!(error = %e, "could not {what} a message");
     }
 }
 

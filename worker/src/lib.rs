@@ -7,7 +7,7 @@
 //! - [`cli`]: the command line.
 //! - [`runner`]: the consume loop, concurrency limit and shutdown.
 //! - [`execute`]: one job from claim to recorded outcome; lease bookkeeping.
-//! - [`reconciler`]: due jobs, expired leases, the outbox (one active at a time).
+//! - [`reconciler`]: due jobs, expired leases, the outbox, lost messages (one leader at a time).
 
 pub mod batch;
 pub mod cli;

@@ -1,133 +1,322 @@
-//! The reconciler: every worker process runs this loop, and the one holding a
-//! Postgres advisory lock is active. Each pass
+//! The reconciler: every worker process runs this loop, and the one holding
+//! the reconciler's leadership ([`leadership`]) is active. Each pass
 //!
 //! 1. queues scheduled and retrying jobs whose `run_at` has come, and publishes them;
-//! 2. rescues running jobs whose lease expired (their worker died): retried
-//!    with the attempt counted, or failed on their last attempt;
-//! 3. republishes queued jobs whose publish was never confirmed (the outbox).
+//! 2. rescues running jobs whose lease expired (their worker died or froze):
+//!    retried with the attempt counted, or failed on their last attempt;
+//! 3. republishes queued jobs whose publish was never confirmed (the outbox);
+//! 4. every heartbeat, republishes queued jobs whose messages RabbitMQ no
+//!    longer holds (a purged queue, a lost node): see [`Reconciler::find_lost_messages`].
 //!
-//! The lock is a session lock held on one connection, and every statement of
-//! a pass runs on that connection: if it breaks, the lock is gone *and* this
-//! process stops acting on it, so two reconcilers never act at once.
+//! Leadership is a row with an expiry, renewed as the leader works, not a lock
+//! tied to a connection: a leader that stops making progress (dead, frozen,
+//! cut off) loses it `worker.leader_ttl_seconds` after its last renewal, even
+//! if its sockets stay open, and a standby takes over at that moment. Every
+//! statement of a pass is fenced by the leader's term in Postgres, and nothing
+//! is published once the term may have lapsed by this process's own clock, so
+//! a leader that wakes up after losing the leadership does no reconciler work.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use shared::config::WorkerSettings;
-use shared::db::jobs;
+use shared::config::Settings;
+use shared::db::leadership::{self, Claim, RECONCILER, Term};
+use shared::db::{jobs, workers};
 use shared::outbox;
 use shared::queue::Publisher;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// The advisory lock key: "conveyor" in ASCII, so it is recognisable in `pg_locks`.
-const LOCK_KEY: i64 = 0x636f_6e76_6579_6f72;
+use uuid::Uuid;
 
 /// Rows per statement; a pass loops while batches come back full.
 const BATCH: i64 = 1000;
 
+/// The leadership as this process holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct Lead {
+    /// The fencing token every statement presents.
+    pub term: Term,
+    /// Until when this process may act on it, by its own clock: the renewal's
+    /// send time plus the time-to-live, never later than the database's expiry.
+    until: Instant,
+    renewed: Instant,
+}
+
+impl Lead {
+    pub fn new(term: Term, asked: Instant, ttl: Duration) -> Self {
+        Self { term, until: asked + ttl, renewed: asked }
+    }
+
+    /// Whether the leadership can still be ours: a process that was frozen
+    /// past this point must assume another reconciler has taken over.
+    pub fn live(&self) -> bool {
+        Instant::now() < self.until
+    }
+}
+
+/// Why a pass stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum Interrupted {
+    #[error("another reconciler leads now")]
+    Lost,
+    #[error("Postgres: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
 pub struct Reconciler {
+    /// The worker process's id: the holder named in the leadership row.
+    id: Uuid,
     pool: PgPool,
     publisher: Publisher,
+    /// Every configured queue, consumed here or not: the leader looks after all.
+    queues: Vec<String>,
     interval: Duration,
+    ttl: Duration,
+    heartbeat: Duration,
     outbox_grace_seconds: i32,
+    /// Workers heard from within this are counted as holding what they report.
+    live_seconds: i32,
+    /// Per queue, the messages found missing at the previous look.
+    suspects: HashMap<String, i64>,
+    next_lost_check: Instant,
 }
 
 impl Reconciler {
-    pub fn new(pool: PgPool, publisher: Publisher, settings: &WorkerSettings) -> Self {
+    pub fn new(id: Uuid, pool: PgPool, publisher: Publisher, settings: &Settings) -> Self {
+        let worker = &settings.worker;
         Self {
+            id,
             pool,
             publisher,
-            interval: Duration::from_millis(settings.reconcile_interval_ms),
-            outbox_grace_seconds: i32::try_from(settings.outbox_grace_seconds).unwrap_or(i32::MAX),
+            queues: settings.queues.keys().cloned().collect(),
+            interval: Duration::from_millis(worker.reconcile_interval_ms),
+            ttl: worker.leader_ttl(),
+            heartbeat: worker.heartbeat(),
+            outbox_grace_seconds: i32::try_from(worker.outbox_grace_seconds).unwrap_or(i32::MAX),
+            live_seconds: i32::try_from(worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX),
+            suspects: HashMap::new(),
+            next_lost_check: Instant::now(),
         }
     }
 
-    /// Runs until `stop`: waits for the lock, then passes every interval while it holds it.
-    pub async fn run(self, stop: CancellationToken) {
-        // Standby reconcilers ask for the lock less often than the active one passes.
-        let standby = self.interval.max(Duration::from_millis(200)) * 4;
+    /// Tries once to take (or renew) the leadership: what tests use to make a
+    /// reconciler lead without running its loop.
+    pub async fn elect(&self) -> sqlx::Result<Option<Lead>> {
+        let asked = Instant::now();
+        Ok(match leadership::claim(&self.pool, RECONCILER, self.id, self.ttl).await? {
+            Claim::Held { term, .. } => Some(Lead::new(term, asked, self.ttl)),
+            Claim::Elsewhere { .. } => None,
+        })
+    }
+
+    /// Runs until `stop`: stands by until the leadership is free, then leads
+    /// until it is lost or `stop`, when it gives the leadership up.
+    pub async fn run(mut self, stop: CancellationToken) {
+        // Standbys ask at most this often, and at the moment the leader's term
+        // would lapse: a frozen leader is replaced within the time-to-live.
+        let standby = self.interval.max(Duration::from_millis(200)).saturating_mul(4).min(self.ttl);
         loop {
-            let lock = tokio::select! {
+            let asked = Instant::now();
+            let claim = tokio::select! {
                 () = stop.cancelled() => return,
-                lock = self.try_lock() => lock,
+                claim = leadership::claim(&self.pool, RECONCILER, self.id, self.ttl) => claim,
             };
-            match lock {
-                Ok(Some(mut connection)) => {
-                    tracing::info!("reconciler active");
-                    if let Err(e) = self.lead(&mut connection, &stop).await {
-                        tracing::warn!(error = %e, "reconciler lost its connection; standing by");
-                        // The session (and its lock) may still be alive: never return it to the pool.
-                        connection.close_on_drop();
-                    } else {
-                        let _ =
-                            sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut *connection).await;
+            let wait = match claim {
+                Ok(Claim::Held { term, .. }) => {
+                    tracing::info!(term = term.term, "reconciler active: this worker leads");
+                    self.lead(Lead::new(term, asked, self.ttl), &stop).await;
+                    if stop.is_cancelled() {
                         return;
                     }
+                    standby
                 }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(error = %e, "reconciler could not ask for the lock"),
-            }
+                // Just after the leader's term would end, if that comes first.
+                Ok(Claim::Elsewhere { remaining, .. }) => remaining.min(standby) + Duration::from_millis(10),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconciler could not ask for the leadership");
+                    standby
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(standby) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    async fn try_lock(&self) -> sqlx::Result<Option<PoolConnection<Postgres>>> {
-        let mut connection = self.pool.acquire().await?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut *connection).await?;
-        Ok(locked.then_some(connection))
-    }
-
-    /// Passes until `stop` (Ok) or until the lock connection fails (Err).
-    async fn lead(&self, connection: &mut PoolConnection<Postgres>, stop: &CancellationToken) -> sqlx::Result<()> {
+    /// Passes every interval until the leadership is lost (returns) or `stop`
+    /// (gives it up, then returns).
+    async fn lead(&mut self, mut lead: Lead, stop: &CancellationToken) {
+        self.suspects.clear();
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
         loop {
             tokio::select! {
-                () = stop.cancelled() => return Ok(()),
+                biased;
+                () = stop.cancelled() => {
+                    if let Err(e) = leadership::release(&self.pool, RECONCILER, lead.term).await {
+                        tracing::debug!(error = %e, "could not give the leadership up; it lapses by itself");
+                    }
+                    return;
+                }
                 _ = ticks.tick() => {}
             }
-            self.pass(connection).await?;
+            match self.pass(&mut lead).await {
+                Ok(()) => failing = false,
+                Err(Interrupted::Lost) => return,
+                Err(Interrupted::Db(e)) => {
+                    // Postgres is away: every fenced statement fails, nothing is done
+                    // twice. Once back, the next renewal says whether we still lead.
+                    if !failing {
+                        tracing::warn!(error = %e, "reconciler pass failed; retrying every pass");
+                    }
+                    failing = true;
+                }
+            }
         }
     }
 
-    /// One pass. Public so tests can drive it step by step.
-    pub async fn pass(&self, connection: &mut PoolConnection<Postgres>) -> sqlx::Result<()> {
+    /// Renews the leadership: always when `force` (the start of a pass), else
+    /// once a quarter of its time-to-live has gone by since the last renewal,
+    /// so that a long pass renews between its steps.
+    async fn renew(&self, lead: &mut Lead, force: bool) -> Result<(), Interrupted> {
+        if !force && lead.renewed.elapsed() < self.ttl / 4 {
+            return Ok(());
+        }
+        let asked = Instant::now();
+        match leadership::claim(&self.pool, RECONCILER, self.id, self.ttl).await? {
+            Claim::Held { term, .. } if term == lead.term => {
+                *lead = Lead::new(term, asked, self.ttl);
+                Ok(())
+            }
+            Claim::Held { term, .. } => {
+                // It lapsed while this process stalled, and nobody else took it.
+                // Statements made under the old term are void; go on under the new.
+                tracing::warn!(
+                    old = lead.term.term,
+                    new = term.term,
+                    "reconciler leadership lapsed and was taken again"
+                );
+                *lead = Lead::new(term, asked, self.ttl);
+                Ok(())
+            }
+            Claim::Elsewhere { holder, .. } => {
+                tracing::warn!(leader = %holder, "reconciler lost its leadership (this process stalled past it); standing by");
+                Err(Interrupted::Lost)
+            }
+        }
+    }
+
+    /// One pass under `lead`. Public so tests can drive it step by step with
+    /// any lead, a stale one included.
+    pub async fn pass(&mut self, lead: &mut Lead) -> Result<(), Interrupted> {
+        self.renew(lead, true).await?;
         loop {
-            let due = jobs::queue_due(&mut **connection, BATCH).await?;
+            let due = jobs::queue_due(&self.pool, lead.term, BATCH).await?;
             let full = due.len() as i64 == BATCH;
             if !due.is_empty() {
                 tracing::debug!(count = due.len(), "queued due jobs");
-                self.publish(due).await;
+                self.publish(due, lead).await;
             }
             if !full {
                 break;
             }
+            self.renew(lead, false).await?;
         }
-        let rescued = jobs::rescue_expired(&mut **connection, BATCH).await?;
+        self.renew(lead, false).await?;
+        let rescued = jobs::rescue_expired(&self.pool, lead.term, BATCH).await?;
         if rescued > 0 {
             // They are `retrying`, due now: the next pass queues them.
             tracing::warn!(count = rescued, "rescued jobs whose worker was lost");
         }
-        let unpublished = jobs::unpublished(&mut **connection, self.outbox_grace_seconds, BATCH).await?;
+        self.renew(lead, false).await?;
+        let unpublished = jobs::unpublished(&self.pool, lead.term, self.outbox_grace_seconds, BATCH).await?;
         if !unpublished.is_empty() {
             tracing::info!(count = unpublished.len(), "republishing jobs whose publish was never confirmed");
-            self.publish(unpublished).await;
+            self.publish(unpublished, lead).await;
+        }
+        if Instant::now() >= self.next_lost_check {
+            let started = Instant::now();
+            self.renew(lead, false).await?;
+            self.find_lost_messages(lead).await?;
+            // Never more than a tenth of the leader's time, however long the queues.
+            self.next_lost_check = Instant::now() + self.heartbeat.max(started.elapsed() * 10);
         }
         Ok(())
     }
 
-    /// Publishes jobs the pass moved or found. Recording the confirms uses
-    /// the shared pool, not the lock's connection, so its failure must not end
-    /// the pass (and give up the lock): unrecorded jobs stay in the outbox and
-    /// a later pass publishes them again.
-    async fn publish(&self, jobs: Vec<jobs::Enqueued>) {
-        if let Err(e) = outbox::publish(&self.publisher, &self.pool, jobs).await {
-            tracing::warn!(error = %e, "could not record publishes; the outbox sweep will publish them again");
+    /// Finds queued jobs whose messages RabbitMQ lost after confirming them,
+    /// and publishes them again.
+    ///
+    /// Every queued job outside the outbox had a confirmed message, so for each
+    /// queue the messages RabbitMQ still has (ready in the queue, or delivered
+    /// and held unacknowledged by a worker, as workers report at each
+    /// heartbeat) should be at least as many as those jobs; a shortfall is
+    /// messages lost. They are the oldest ones (a purge or a lost node takes all
+    /// that came before it), so the jobs queued longest are published again,
+    /// as many as are missing; a duplicate is dropped by the worker that finds
+    /// its job claimed. Jobs queued for less than `worker.outbox_grace_seconds`
+    /// are not counted. The three counts are read at slightly different
+    /// moments and held counts are a heartbeat old, so only a shortfall seen at
+    /// two looks in a row is acted on, and only the smaller of the two.
+    pub async fn find_lost_messages(&mut self, lead: &Lead) -> Result<(), Interrupted> {
+        for queue in &self.queues {
+            // Read first: a message claimed meanwhile leaves the queued count
+            // too, so the shortfall can only be underestimated, never invented.
+            let ready = match self.publisher.queue_stats(queue).await {
+                Ok((ready, _consumers)) => i64::from(ready),
+                Err(e) => {
+                    tracing::debug!(%queue, error = %e, "could not count a queue's messages");
+                    continue;
+                }
+            };
+            let held = workers::held(&self.pool, queue, self.live_seconds).await?;
+            let messages = ready + held;
+            let queued = jobs::confirmed_queued(&self.pool, queue, self.outbox_grace_seconds, messages + BATCH).await?;
+            let missing = queued - messages;
+            let before = self.suspects.remove(queue);
+            if missing <= 0 {
+                continue;
+            }
+            let Some(before) = before else {
+                self.suspects.insert(queue.clone(), missing);
+                continue;
+            };
+            let lost =
+                jobs::longest_queued(&self.pool, lead.term, queue, self.outbox_grace_seconds, missing.min(before))
+                    .await?;
+            if lost.is_empty() {
+                continue;
+            }
+            if !lead.live() {
+                return Err(Interrupted::Lost);
+            }
+            tracing::warn!(%queue, count = lost.len(), ready, held, queued, "republishing queued jobs whose messages RabbitMQ no longer has");
+            // Not through the outbox: a failed publish leaves the shortfall, found again at the next looks.
+            let published = tokio::time::timeout_at(lead.until, outbox::publish_all(&self.publisher, lost)).await;
+            if published.is_err() {
+                tracing::warn!(%queue, "leadership may have lapsed while republishing; the next leader looks again");
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes jobs the pass moved or found, while the leadership can still
+    /// be ours: past that, they stay in the outbox for the next leader's sweep.
+    /// Recording the confirms may fail without ending the pass: unrecorded jobs
+    /// stay in the outbox and a later pass publishes them again.
+    async fn publish(&self, jobs: Vec<jobs::Enqueued>, lead: &Lead) {
+        let count = jobs.len();
+        match tokio::time::timeout_at(lead.until, outbox::publish(&self.publisher, &self.pool, jobs)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not record publishes; the outbox sweep will publish them again")
+            }
+            Err(_) => {
+                tracing::warn!(count, "leadership may have lapsed while publishing; the outbox keeps the rest")
+            }
         }
     }
 }

@@ -16,11 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures_lite::StreamExt as _;
-use lapin::Consumer;
 use shared::config::Settings;
 use shared::db::{CANCEL_CHANNEL, workers};
-use shared::queue::{Names, Publisher, rabbitmq};
+use shared::queue::{Consumer, Held, Publisher, Subscription};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Semaphore;
@@ -83,6 +81,7 @@ impl Worker {
             self.settings.worker.lease_seconds,
         ));
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));
+        let held = Held::new(&self.config.queues);
         let jobs = TaskTracker::new();
         // Background loops stop after the jobs are drained: running jobs need
         // their leases renewed until the very end.
@@ -92,18 +91,19 @@ impl Worker {
             self.id,
             self.pool.clone(),
             self.config.clone(),
-            Duration::from_secs(u64::from(self.settings.worker.heartbeat_seconds)),
+            self.settings.worker.heartbeat(),
             executor.clone(),
+            held.clone(),
             background_stop.clone(),
         ));
         background.spawn(listen_for_cancels(self.pool.clone(), executor.clone(), background_stop.clone()));
-        let reconciler = Reconciler::new(self.pool.clone(), publisher, &self.settings.worker);
+        let reconciler = Reconciler::new(self.id, self.pool.clone(), publisher, &self.settings);
         background.spawn(reconciler.run(shutdown.child_token()));
         tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
 
         let mut backoff = RECONNECT_BACKOFF.0;
         while !shutdown.is_cancelled() {
-            match self.consume(&name, &executor, &slots, &jobs, &shutdown).await {
+            match self.consume(&name, &executor, &slots, &held, &jobs, &shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(worker.id = %self.id, error = %format!("{e:#}"), retry_in = ?backoff, "lost RabbitMQ; reconnecting");
@@ -142,29 +142,26 @@ impl Worker {
         name: &str,
         executor: &Arc<Executor>,
         slots: &Arc<Semaphore>,
+        held: &Held,
         jobs: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let names = Names::new(&self.settings.amqp.namespace);
-        let connect = rabbitmq::connect(&self.settings.amqp, name);
-        let connection = tokio::time::timeout(self.settings.amqp.confirm_timeout(), connect)
-            .await
-            .context("Timed out connecting to RabbitMQ")?
-            .context("Failed to connect to RabbitMQ")?;
-        let (channel, consumers) =
-            rabbitmq::consume(&connection, &names, &self.config.queues, self.config.concurrency, name)
+        let mut subscription =
+            Subscription::open(&self.settings.amqp, &self.config.queues, self.config.concurrency, name, held)
                 .await
                 .context("Failed to start consuming")?;
         tracing::info!(worker.id = %self.id, "consuming");
+        // Stops this connection's consumers, and the deliveries of it still
+        // waiting for a slot: on shutdown, or when the connection breaks (its
+        // deliveries are back in their queues then, for anyone to take).
+        let stop = shutdown.child_token();
         let broken = CancellationToken::new();
         let loops = TaskTracker::new();
-        for consumer in consumers {
-            let stop = shutdown.child_token();
-            let broken = broken.clone();
+        for consumer in subscription.take_consumers() {
+            let (stop, broken) = (stop.clone(), broken.clone());
             let (executor, slots, jobs) = (executor.clone(), slots.clone(), jobs.clone());
             loops.spawn(async move {
-                let failed = consume_queue(consumer, executor, slots, jobs, stop.clone()).await;
-                if failed {
+                if consume_queue(consumer, executor, slots, jobs, stop).await {
                     broken.cancel();
                 }
             });
@@ -175,10 +172,9 @@ impl Worker {
             () = broken.cancelled() => {}
         }
         let failed = broken.is_cancelled() && !shutdown.is_cancelled();
-        // On shutdown: stop the other loops and close the channel, which returns
-        // unacknowledged (prefetched, unclaimed) messages to their queues at once.
-        let _ = channel.close(200, "worker stopping".into()).await;
-        let _ = connection.close(200, "worker stopping".into()).await;
+        stop.cancel();
+        // Returns unsettled (prefetched, unclaimed) messages to their queues at once.
+        subscription.close().await;
         loops.wait().await;
         if failed { anyhow::bail!("a consumer stopped") } else { Ok(()) }
     }
@@ -186,6 +182,11 @@ impl Worker {
 
 /// Takes deliveries from one queue until `stop` (returns false) or until the
 /// consumer fails or is cancelled by the broker (returns true).
+///
+/// Each delivery is taken at once and waits for a free slot on a task of its
+/// own, unacknowledged: prefetch (= concurrency) keeps the broker from sending
+/// more than this process can start soon, and every message it holds is
+/// counted (see [`Held`]) rather than buffered out of sight in the client.
 async fn consume_queue(
     mut consumer: Consumer,
     executor: Arc<Executor>,
@@ -209,17 +210,16 @@ async fn consume_queue(
                 return !stop.is_cancelled();
             }
         };
-        // Wait for a free slot while holding the delivery: it stays unacknowledged,
-        // so prefetch keeps the broker from sending more than we can start.
-        let permit = tokio::select! {
-            () = stop.cancelled() => return false,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return false,
-            },
-        };
-        let executor = executor.clone();
+        let (executor, slots, stop) = (executor.clone(), slots.clone(), stop.clone());
         jobs.spawn(async move {
+            // Dropped unsettled on stop: closing the channel returns it to its queue.
+            let permit = tokio::select! {
+                () = stop.cancelled() => return,
+                permit = slots.acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
             executor.handle(delivery).await;
             drop(permit);
         });
@@ -227,14 +227,15 @@ async fn consume_queue(
 }
 
 /// Registers the worker, then every `interval` records that it is alive and
-/// renews the leases of its running jobs (stopping those cancelled or lost
-/// meanwhile), until `stop`.
+/// what it holds, and renews the leases of its running jobs (stopping those
+/// cancelled or lost meanwhile), until `stop`.
 async fn heartbeat(
     id: Uuid,
     pool: PgPool,
     config: WorkerConfig,
     interval: Duration,
     executor: Arc<Executor>,
+    held: Held,
     stop: CancellationToken,
 ) {
     let host = host_name();
@@ -250,7 +251,8 @@ async fn heartbeat(
             tracing::warn!(worker.id = %id, error = %e, "could not renew leases");
         }
         let in_flight = i32::try_from(executor.in_flight()).unwrap_or(i32::MAX);
-        if let Err(e) = workers::heartbeat(&pool, id, &host, &config.queues, concurrency, in_flight).await {
+        let held = held.snapshot();
+        if let Err(e) = workers::heartbeat(&pool, id, &host, &config.queues, concurrency, in_flight, &held).await {
             tracing::warn!(worker.id = %id, error = %e, "heartbeat failed");
         }
     }

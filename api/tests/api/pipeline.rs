@@ -57,15 +57,14 @@ async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOpt
     })
     .await;
     assert!(recorded, "the outbox kept rows of published jobs");
-    // Four workers, four reconcilers, one active: one holder of the advisory lock.
-    let holders: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = \
-         (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("query");
-    assert_eq!(holders, 1, "exactly one reconciler is active");
+    // Four workers, four reconcilers, one active: the leadership is held, by one of them.
+    let leader = shared::db::leadership::current(&app.pool, shared::db::leadership::RECONCILER).await.expect("query");
+    let workers: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM workers").fetch_all(&app.pool).await.expect("query");
+    assert!(
+        leader.is_some_and(|(term, live)| live && workers.contains(&term.holder)),
+        "exactly one reconciler is active: {leader:?} among {workers:?}"
+    );
     let app = Arc::into_inner(app).expect("submitters are done");
     app.stop().await;
 }

@@ -299,7 +299,8 @@ async fn a_job_whose_cancel_was_requested_is_never_retried(pool: sqlx::PgPool) {
         .execute(pool)
         .await
         .expect("expire the lease");
-    assert_eq!(jobs::rescue_expired(pool, 10).await.expect("rescue"), 1);
+    let leader = shared::testing::lead(pool).await;
+    assert_eq!(jobs::rescue_expired(pool, leader, 10).await.expect("rescue"), 1);
     assert_eq!(status_of(lost.id).await, JobStatus::Cancelled);
 }
 
@@ -317,10 +318,11 @@ async fn each_outbox_sweep_reads_a_bounded_batch_oldest_first(pool: sqlx::PgPool
     let pending =
         || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&pool).await.expect("count") };
 
-    let first = jobs::unpublished(&pool, 0, 2).await.expect("sweep");
+    let leader = shared::testing::lead(&pool).await;
+    let first = jobs::unpublished(&pool, leader, 0, 2).await.expect("sweep");
     assert!(first.is_empty(), "the two oldest rows are of cancelled jobs: {first:?}");
     assert_eq!(pending().await, 1, "and only those two were dropped");
-    let second = jobs::unpublished(&pool, 0, 2).await.expect("sweep");
+    let second = jobs::unpublished(&pool, leader, 0, 2).await.expect("sweep");
     assert_eq!(second.iter().map(|job| job.id).collect::<Vec<_>>(), [ids[2]], "the queued one comes next");
     assert_eq!(pending().await, 1, "kept until its publish is confirmed");
 }
@@ -338,8 +340,9 @@ async fn a_zombie_workers_late_writes_are_rejected(_: PgPoolOptionsUnused, conne
         .execute(&app.pool)
         .await
         .expect("expire");
-    assert_eq!(jobs::rescue_expired(&app.pool, 10).await.expect("rescue"), 1);
-    assert_eq!(jobs::queue_due(&app.pool, 10).await.expect("due").len(), 1);
+    let leader = shared::testing::lead(&app.pool).await;
+    assert_eq!(jobs::rescue_expired(&app.pool, leader, 10).await.expect("rescue"), 1);
+    assert_eq!(jobs::queue_due(&app.pool, leader, 10).await.expect("due").len(), 1);
     // Worker L claims it again and finishes it.
     let l = jobs::claim(&app.pool, job.id, live_worker, 30).await.expect("claim").expect("claimed");
     assert_eq!((z.attempt, l.attempt), (1, 2), "the lost attempt counts");

@@ -10,6 +10,7 @@ use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::leadership::Term;
 use crate::job::{Job, JobFailure, JobStatus, NewJob};
 
 /// The columns of [`Job`], in one place for every query that returns jobs.
@@ -489,22 +490,34 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> sqlx::Result<Opti
 }
 
 /// Reconciler: moves scheduled and retrying jobs whose time has come to
-/// `queued`, up to `limit`, oldest due first. The caller publishes them.
-pub async fn queue_due(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
-    sqlx::query_as(queued_into_outbox!(
-        "UPDATE jobs SET status = 'queued', updated_at = now() \
-         WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now() \
-                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
-    ))
+/// `queued`, up to `limit`, oldest due first, and puts them in the outbox.
+/// The caller publishes them. Fenced by `leader`: nothing moves unless that
+/// term still holds the reconciler's leadership.
+pub async fn queue_due(db: impl PgExecutor<'_>, leader: Term, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
+    sqlx::query_as(
+        "WITH moved AS ( \
+             UPDATE jobs SET status = 'queued', updated_at = now() \
+             WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now() \
+                            AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $2 \
+                                                               AND term = $3 AND expires_at > now()) \
+                          ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, queue, priority, updated_at AS queued_at), \
+         pending AS (INSERT INTO outbox (job_id, created_at) SELECT id, queued_at FROM moved \
+                     ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at) \
+         SELECT id, queue, priority, queued_at FROM moved",
+    )
     .bind(limit)
+    .bind(leader.holder)
+    .bind(leader.term)
     .fetch_all(db)
     .await
 }
 
-/// Reconciler: running jobs whose lease expired (their worker died or lost
-/// Postgres) fail that attempt. With attempts left they are retried at once
-/// (`retrying`, due now); on their last attempt they fail. Returns how many.
-pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
+/// Reconciler: running jobs whose lease expired (their worker died, froze or
+/// lost Postgres) fail that attempt. With attempts left they are retried at
+/// once (`retrying`, due now); on their last attempt they fail. Returns how
+/// many. Fenced by `leader` like [`queue_due`].
+pub async fn rescue_expired(db: impl PgExecutor<'_>, leader: Term, limit: i64) -> sqlx::Result<u64> {
     let done = sqlx::query(
         // A job whose cancel was requested is not retried: it ends cancelled.
         "UPDATE jobs SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
@@ -516,9 +529,13 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result
                                                     'kind', 'lease_expired', 'attempt', attempt), \
                          lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now() \
          WHERE id IN (SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < now() \
+                        AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $2 \
+                                                           AND term = $3 AND expires_at > now()) \
                       LIMIT $1 FOR UPDATE SKIP LOCKED)",
     )
     .bind(limit)
+    .bind(leader.holder)
+    .bind(leader.term)
     .execute(db)
     .await?;
     Ok(done.rows_affected())
@@ -529,13 +546,21 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result
 /// still queued are returned, to be published again; the others (cancelled
 /// before their publish was confirmed, deleted) are dropped in the same
 /// statement. Bounded by `limit` however large the outbox has grown (a long
-/// broker outage), since it reads the oldest rows by their index.
-pub async fn unpublished(db: impl PgExecutor<'_>, grace_seconds: i32, limit: i64) -> sqlx::Result<Vec<Enqueued>> {
+/// broker outage), since it reads the oldest rows by their index. Fenced by
+/// `leader` like [`queue_due`].
+pub async fn unpublished(
+    db: impl PgExecutor<'_>,
+    leader: Term,
+    grace_seconds: i32,
+    limit: i64,
+) -> sqlx::Result<Vec<Enqueued>> {
     sqlx::query_as(
         "WITH oldest AS ( \
              SELECT o.job_id, o.created_at, j.status, j.queue, j.priority \
              FROM outbox o LEFT JOIN jobs j ON j.id = o.job_id \
              WHERE o.created_at < now() - make_interval(secs => $1) \
+               AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $3 \
+                                                  AND term = $4 AND expires_at > now()) \
              ORDER BY o.created_at LIMIT $2), \
          settled AS ( \
              DELETE FROM outbox o USING oldest \
@@ -545,6 +570,58 @@ pub async fn unpublished(db: impl PgExecutor<'_>, grace_seconds: i32, limit: i64
     )
     .bind(grace_seconds)
     .bind(limit)
+    .bind(leader.holder)
+    .bind(leader.term)
+    .fetch_all(db)
+    .await
+}
+
+/// Reconciler (lost messages): how many of `queue`'s jobs have been queued
+/// for longer than `grace_seconds` with a confirmed message (they are not in
+/// the outbox), counted up to `cap`. Each of them should have a message in
+/// RabbitMQ, ready or held by a worker; when fewer messages exist than this,
+/// some were lost after their confirm (a purged queue, a lost node).
+pub async fn confirmed_queued(db: impl PgExecutor<'_>, queue: &str, grace_seconds: i32, cap: i64) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM ( \
+             SELECT FROM jobs j \
+             WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2) \
+               AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id) \
+             LIMIT $3) AS confirmed",
+    )
+    .bind(queue)
+    .bind(grace_seconds)
+    .bind(cap)
+    .fetch_one(db)
+    .await
+}
+
+/// Reconciler (lost messages): the `limit` jobs of `queue` that have waited
+/// longest among those [`confirmed_queued`] counts, to be published again.
+/// Lost messages are the old ones (a purge or a lost node takes everything
+/// published before it; later jobs bring their own), so the oldest are the
+/// ones to republish; a duplicate of a message that still exists is dropped
+/// by the worker that finds its job claimed. Fenced by `leader` like [`queue_due`].
+pub async fn longest_queued(
+    db: impl PgExecutor<'_>,
+    leader: Term,
+    queue: &str,
+    grace_seconds: i32,
+    limit: i64,
+) -> sqlx::Result<Vec<Enqueued>> {
+    sqlx::query_as(
+        "SELECT id, queue, priority, updated_at AS queued_at FROM jobs j \
+         WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2) \
+           AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id) \
+           AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $4 \
+                                              AND term = $5 AND expires_at > now()) \
+         ORDER BY j.updated_at LIMIT $3",
+    )
+    .bind(queue)
+    .bind(grace_seconds)
+    .bind(limit)
+    .bind(leader.holder)
+    .bind(leader.term)
     .fetch_all(db)
     .await
 }

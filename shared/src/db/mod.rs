@@ -1,5 +1,6 @@
 //! Postgres access: the pool, the migrations, every query on the jobs table
-//! ([`jobs`]) and on the workers table ([`workers`]).
+//! ([`jobs`]), on the workers table ([`workers`]) and on the reconciler's
+//! leadership ([`leadership`]).
 
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -8,6 +9,7 @@ use sqlx::{PgPool, Postgres};
 use crate::config::DatabaseSettings;
 
 pub mod jobs;
+pub mod leadership;
 pub mod workers;
 
 /// The `NOTIFY` channel on which the API announces that a running job was

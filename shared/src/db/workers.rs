@@ -1,9 +1,12 @@
 //! The `workers` table: each worker process registers at start with a fresh
 //! id, heartbeats while it runs, and removes itself when it stops cleanly.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 /// A registered worker process.
@@ -18,25 +21,9 @@ pub struct WorkerRow {
     pub last_heartbeat_at: DateTime<Utc>,
 }
 
-pub async fn register(
-    db: impl PgExecutor<'_>,
-    id: Uuid,
-    host: &str,
-    queues: &[String],
-    concurrency: i32,
-) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO workers (id, host, queues, concurrency) VALUES ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(host)
-        .bind(queues)
-        .bind(concurrency)
-        .execute(db)
-        .await?;
-    Ok(())
-}
-
-/// Records that the worker is alive and how many jobs it runs. Re-registers a
-/// worker whose row was removed (e.g. pruned while it was cut off).
+/// Records that the worker is alive, how many jobs it runs, and how many
+/// messages it holds unacknowledged per queue (`held`). Re-registers a worker
+/// whose row was removed (e.g. pruned while it was cut off).
 pub async fn heartbeat(
     db: impl PgExecutor<'_>,
     id: Uuid,
@@ -44,19 +31,34 @@ pub async fn heartbeat(
     queues: &[String],
     concurrency: i32,
     in_flight: i32,
+    held: &BTreeMap<String, i64>,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO workers (id, host, queues, concurrency, in_flight) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (id) DO UPDATE SET in_flight = $5, last_heartbeat_at = now()",
+        "INSERT INTO workers (id, host, queues, concurrency, in_flight, held) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (id) DO UPDATE SET in_flight = $5, held = $6, last_heartbeat_at = now()",
     )
     .bind(id)
     .bind(host)
     .bind(queues)
     .bind(concurrency)
     .bind(in_flight)
+    .bind(Json(held))
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// Messages of `queue` that workers heard from within `within_seconds`
+/// reported holding unacknowledged at their last heartbeat.
+pub async fn held(db: impl PgExecutor<'_>, queue: &str, within_seconds: i32) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum((held ->> $1)::int8), 0)::int8 FROM workers \
+         WHERE last_heartbeat_at > now() - make_interval(secs => $2)",
+    )
+    .bind(queue)
+    .bind(within_seconds)
+    .fetch_one(db)
+    .await
 }
 
 pub async fn deregister(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {

@@ -1,6 +1,7 @@
 //! RabbitMQ carries work to workers; Postgres decides everything else. This
-//! module holds what travels (the [`Message`]) and how names are made; the
-//! lapin details live in [`rabbitmq`].
+//! module holds what travels (the [`Message`]), how names are made, and what
+//! a consumer receives (a [`Delivery`]); the lapin details live in
+//! [`rabbitmq`], and no lapin type leaves this module.
 //!
 //! # Topology (per namespace `ns`, default `conveyor`)
 //!
@@ -15,9 +16,22 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod delivery;
 pub mod rabbitmq;
 
-pub use rabbitmq::{PublishError, Publisher};
+pub use delivery::{Delivery, Held, Settlement};
+pub use rabbitmq::{Consumer, PublishError, Publisher, Subscription};
+
+/// Why talking to RabbitMQ failed (publishes have their own [`PublishError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("the channel closed before the message was settled; RabbitMQ delivers it again")]
+    ChannelClosed,
+}
 
 /// What a queue message says. Tagged and versioned by variant name, so a
 /// rolling upgrade can add `RunJobV2` while old messages still parse.

@@ -1,19 +1,21 @@
 //! lapin underneath [`super`]: connecting, declaring the topology, publishing
-//! with confirms, and opening consumers.
+//! with confirms, and consuming.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_lite::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{Message, Names};
+use super::{Delivery, Held, Message, Names, QueueError};
 use crate::config::AmqpSettings;
 use crate::job::MAX_PRIORITY;
 
@@ -23,9 +25,19 @@ const PERSISTENT: u8 = 2;
 
 /// Opens a connection named after the process, so `rabbitmqctl list_connections`
 /// tells an API replica from a worker.
+///
+/// The heartbeat is `amqp.heartbeat_seconds` whatever the URL says: it bounds
+/// how long RabbitMQ keeps messages delivered to a process that stopped
+/// answering without closing its socket (frozen, paused), and how long this
+/// process takes to notice a broker that went silent.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    let mut uri: AMQPUri = settings
+        .url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    uri.query.heartbeat = Some(settings.heartbeat_seconds);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&settings.url, properties).await
+    Connection::connect_uri(uri, properties).await
 }
 
 /// Declares the namespace's dead-letter exchange and queue, and one durable
@@ -202,30 +214,87 @@ impl Publisher {
     }
 }
 
-/// Opens a channel with `prefetch` unacknowledged messages at most across all
-/// its consumers, and one consumer per queue on it.
-pub async fn consume(
-    connection: &Connection,
-    names: &Names,
-    queues: &[String],
-    prefetch: u16,
-    consumer_tag_prefix: &str,
-) -> lapin::Result<(Channel, Vec<Consumer>)> {
-    let channel = connection.create_channel().await?;
-    declare(&channel, names, queues.iter().map(String::as_str)).await?;
-    // `global`: the limit is shared by the channel's consumers (RabbitMQ's
-    // reading of the flag), so a worker on several queues still buffers at most
-    // `prefetch` messages in total.
-    channel.basic_qos(prefetch, BasicQosOptions { global: true }).await?;
-    let mut consumers = Vec::with_capacity(queues.len());
-    for queue in queues {
-        // Tags are unique per process and queue, so a restarted worker never
-        // collides with its predecessor's consumers.
-        let tag = format!("{consumer_tag_prefix}.{queue}");
-        let consumer = channel
-            .basic_consume(names.queue(queue).into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
-        consumers.push(consumer);
+/// A worker's link to RabbitMQ: one connection, one channel, one consumer per
+/// queue. Closing it returns every unsettled delivery to its queue.
+pub struct Subscription {
+    connection: Connection,
+    channel: Channel,
+    consumers: Vec<Consumer>,
+}
+
+impl Subscription {
+    /// Connects (within `amqp.confirm_timeout_ms`), declares the topology, and
+    /// consumes `queues` with at most `prefetch` unacknowledged messages across
+    /// all of them. Deliveries count in `held` until they are settled.
+    pub async fn open(
+        settings: &AmqpSettings,
+        queues: &[String],
+        prefetch: u16,
+        name: &str,
+        held: &Held,
+    ) -> Result<Self, QueueError> {
+        let connection = tokio::time::timeout(settings.confirm_timeout(), connect(settings, name))
+            .await
+            .map_err(|_| QueueError::Timeout("connecting to RabbitMQ"))??;
+        let names = Names::new(&settings.namespace);
+        let channel = connection.create_channel().await?;
+        declare(&channel, &names, queues.iter().map(String::as_str)).await?;
+        // `global`: the limit is shared by the channel's consumers (RabbitMQ's
+        // reading of the flag), so a worker on several queues still holds at most
+        // `prefetch` messages in total.
+        channel.basic_qos(prefetch, BasicQosOptions { global: true }).await?;
+        let mut consumers = Vec::with_capacity(queues.len());
+        for queue in queues {
+            // Tags are unique per process and queue, so a restarted worker never
+            // collides with its predecessor's consumers.
+            let tag = format!("{name}.{queue}");
+            let inner = channel
+                .basic_consume(
+                    names.queue(queue).into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(Consumer { inner, queue: queue.clone(), held: held.clone() });
+        }
+        Ok(Self { connection, channel, consumers })
     }
-    Ok((channel, consumers))
+
+    /// The consumers, one per queue, to be read each on its own task.
+    pub fn take_consumers(&mut self) -> Vec<Consumer> {
+        std::mem::take(&mut self.consumers)
+    }
+
+    /// Closes the channel and the connection: RabbitMQ puts every message
+    /// delivered here and not yet settled back in its queue, at once.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "worker stopping".into()).await;
+        let _ = self.connection.close(200, "worker stopping".into()).await;
+    }
+}
+
+/// The deliveries of one queue.
+pub struct Consumer {
+    inner: lapin::Consumer,
+    queue: String,
+    held: Held,
+}
+
+impl Consumer {
+    /// The Conveyor queue it consumes.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery; `None` when RabbitMQ cancelled the consumer (the
+    /// queue was deleted), an error when the channel or connection failed.
+    pub async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
+        let delivery = self.inner.next().await?;
+        Some(
+            delivery
+                .map(|delivery| Delivery::amqp(delivery, &self.queue, self.held.hold(&self.queue)))
+                .map_err(Into::into),
+        )
+    }
 }

@@ -1,5 +1,10 @@
-//! Worker processes, broken on purpose: the real `worker` binary, killed with
-//! SIGKILL or stopped with SIGTERM mid-job, against the real Postgres (a
-//! database per test) and RabbitMQ (a namespace per test).
+//! Worker processes, broken on purpose: the real `worker` binary killed with
+//! SIGKILL, stopped with SIGTERM or frozen with SIGSTOP mid-job, a reconciler
+//! that lost its leadership, and a queue whose messages RabbitMQ lost, against
+//! the real Postgres (a database per test) and RabbitMQ (a namespace per test).
 
+mod frozen;
+mod helpers;
+mod leadership;
+mod lost_messages;
 mod processes;

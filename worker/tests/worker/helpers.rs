@@ -1,0 +1,231 @@
+//! The harness: a database per test (`#[sqlx::test]`), a RabbitMQ namespace per
+//! test, jobs submitted the way the API does, and real worker processes (or
+//! in-process workers) with settings that make failures show within seconds.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shared::config::Settings;
+use shared::db::jobs::{self, Enqueued};
+use shared::db::leadership::{self, RECONCILER, Term};
+use shared::job::JobStatus;
+use shared::outbox;
+use shared::queue::Publisher;
+use shared::testing::{AmqpNamespace, settings};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::AsyncBufReadExt as _;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use worker::{Worker, WorkerConfig};
+
+pub struct Harness {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub publisher: Publisher,
+    pub amqp: AmqpNamespace,
+}
+
+impl Harness {
+    pub async fn new(connect: PgConnectOptions) -> Self {
+        Self::with(connect, |_| {}).await
+    }
+
+    /// A harness whose workers run with `configure`'s edits of the test settings.
+    pub async fn with(connect: PgConnectOptions, configure: impl FnOnce(&mut Settings)) -> Self {
+        let amqp = AmqpNamespace::new(&["default"]);
+        let mut settings = settings(&connect, &amqp);
+        // A dead worker's jobs are rescued within ~2 s, a stalled leader replaced within 2 s.
+        settings.worker.heartbeat_seconds = 1;
+        settings.worker.lease_seconds = 2;
+        settings.worker.reconcile_interval_ms = 100;
+        settings.worker.leader_ttl_seconds = 2;
+        configure(&mut settings);
+        let pool = PgPoolOptions::new().max_connections(16).connect_lazy_with(connect);
+        let publisher = Publisher::new(&settings.amqp, vec!["default".to_owned()], "test-submitter");
+        Self { settings, pool, publisher, amqp }
+    }
+
+    /// Submits `n` jobs of `kind` the way the API does: commit, then publish with a confirm.
+    pub async fn submit(&self, n: usize, kind: &str, payload: Value) -> Vec<Uuid> {
+        let mut published = Vec::new();
+        for _ in 0..n {
+            let job = shared::testing::new_job(kind, payload.clone());
+            let job = jobs::insert(&self.pool, &job).await.expect("insert");
+            published.push(Enqueued::from(&job));
+        }
+        let ids = published.iter().map(|j| j.id).collect();
+        let report = outbox::publish(&self.publisher, &self.pool, published).await.expect("publish");
+        assert!(report.failed.is_empty(), "publish failed: {:?}", report.failed);
+        ids
+    }
+
+    /// The real worker binary, configured like this harness, with a shutdown
+    /// grace of `grace_seconds`.
+    pub fn spawn_process(&self, concurrency: u16, grace_seconds: u64) -> Child {
+        let mut command = self.command(concurrency, grace_seconds);
+        command.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()));
+        command.spawn().expect("the worker binary starts")
+    }
+
+    /// The real worker binary, its JSON log lines (reconciler at debug) kept in [`Logs`].
+    pub fn spawn_logged(&self, concurrency: u16) -> (Child, Logs) {
+        let mut command = self.command(concurrency, 30);
+        command
+            .env("RUST_LOG", "info,worker::reconciler=debug")
+            .env("CONVEYOR__LOG__FORMAT", "json")
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the worker binary starts");
+        let logs = Logs::default();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = logs.lines.clone();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let parsed = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if let Ok(mut lines) = lines.lock() {
+                    lines.push(parsed);
+                }
+            }
+        });
+        (child, logs)
+    }
+
+    fn command(&self, concurrency: u16, grace_seconds: u64) -> Command {
+        let (worker, amqp) = (&self.settings.worker, &self.settings.amqp);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+        command
+            .args(["--queues", "default", "--concurrency", &concurrency.to_string()])
+            .env_clear()
+            .env("DATABASE_URL", &self.settings.database.url)
+            .env("AMQP_URL", &amqp.url)
+            .env("CONVEYOR__AMQP__NAMESPACE", &amqp.namespace)
+            .env("CONVEYOR__AMQP__HEARTBEAT_SECONDS", amqp.heartbeat_seconds.to_string())
+            .env("CONVEYOR__WORKER__HEARTBEAT_SECONDS", worker.heartbeat_seconds.to_string())
+            .env("CONVEYOR__WORKER__LEASE_SECONDS", worker.lease_seconds.to_string())
+            .env("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", worker.reconcile_interval_ms.to_string())
+            .env("CONVEYOR__WORKER__LEADER_TTL_SECONDS", worker.leader_ttl_seconds.to_string())
+            .env("CONVEYOR__WORKER__OUTBOX_GRACE_SECONDS", worker.outbox_grace_seconds.to_string())
+            .env("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Starts a worker inside the test process.
+    pub fn spawn_in_process(
+        &self,
+        concurrency: u16,
+    ) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let config = WorkerConfig { queues: vec!["default".to_owned()], concurrency };
+        let worker = Worker::new(self.settings.clone(), self.pool.clone(), config).expect("config");
+        let stop = CancellationToken::new();
+        (stop.clone(), tokio::spawn(worker.run(stop)))
+    }
+
+    pub async fn count(&self, status: JobStatus, ids: &[Uuid]) -> usize {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1 AND id = ANY($2)")
+            .bind(status.as_str())
+            .bind(ids)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count");
+        usize::try_from(n).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `done` holds; returns how long that took.
+    pub async fn wait(&self, limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !done().await {
+            assert!(start.elapsed() < limit, "timed out after {limit:?} waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        start.elapsed()
+    }
+
+    /// attempt → number of jobs, over `ids`.
+    pub async fn attempts(&self, ids: &[Uuid]) -> HashMap<i32, i64> {
+        let rows: Vec<(i32, i64)> =
+            sqlx::query_as("SELECT attempt, count(*) FROM jobs WHERE id = ANY($1) GROUP BY attempt")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+                .expect("query");
+        rows.into_iter().collect()
+    }
+
+    /// The worker holding job `id`'s lease, while it runs.
+    pub async fn lease_owner(&self, id: Uuid) -> Option<Uuid> {
+        sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("query")
+    }
+
+    /// The reconciler's current leader, while its term has not lapsed.
+    pub async fn leader(&self) -> Option<Term> {
+        match leadership::current(&self.pool, RECONCILER).await.expect("query") {
+            Some((term, true)) => Some(term),
+            _ => None,
+        }
+    }
+
+    /// The registered workers' ids.
+    pub async fn workers(&self) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT id FROM workers ORDER BY started_at").fetch_all(&self.pool).await.expect("query")
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// A worker process's log lines, as JSON objects (a line that is not JSON is kept as a string).
+#[derive(Clone, Default)]
+pub struct Logs {
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Logs {
+    /// How many lines there are now: a point to look from.
+    pub fn mark(&self) -> usize {
+        self.lines.lock().map_or(0, |lines| lines.len())
+    }
+
+    /// The messages of the lines since `mark`.
+    pub fn messages_since(&self, mark: usize) -> Vec<String> {
+        let lines = self.lines.lock().map(|lines| lines.get(mark..).unwrap_or_default().to_vec()).unwrap_or_default();
+        lines
+            .iter()
+            .map(|line| match line.get("message").and_then(Value::as_str) {
+                Some(message) => message.to_owned(),
+                None => line.to_string(),
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until a line since `mark` contains `text`.
+    pub async fn wait_for(&self, limit: Duration, mark: usize, text: &str) {
+        let start = Instant::now();
+        while !self.messages_since(mark).iter().any(|m| m.contains(text)) {
+            assert!(
+                start.elapsed() < limit,
+                "no log line containing {text:?} within {limit:?}; got {:#?}",
+                self.messages_since(mark)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends `signal` (e.g. "-STOP") to a worker process.
+pub fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("the worker is running").to_string();
+    let status = std::process::Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+    assert!(status.success());
+}
