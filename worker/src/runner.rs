@@ -214,13 +214,16 @@ async fn consume_queue(
         jobs.spawn(async move {
             // Dropped unsettled on stop: closing the channel returns it to its queue.
             let permit = tokio::select! {
+                biased;
                 () = stop.cancelled() => return,
                 permit = slots.acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => return,
                 },
             };
-            executor.handle(delivery).await;
+            // Boxed: a task waiting for its slot would otherwise reserve the
+            // whole of a job's future (tens of KiB) from the moment it arrives.
+            Box::pin(executor.handle(delivery)).await;
             drop(permit);
         });
     }
