@@ -1,8 +1,8 @@
 //! Ended jobs kept in memory, already rendered, so that clients polling a
 //! finished job are answered without a round trip to Postgres.
 //!
-//! An ended job (succeeded, failed, cancelled) is immutable to clients (SPEC
-//! §4), with two exceptions, both operator actions: a requeue and a prune.
+//! An ended job (succeeded, failed, cancelled) is immutable to clients, with
+//! two exceptions, both operator actions: a requeue and a prune.
 //! Postgres announces either on [`ENDED_CHANGED_CHANNEL`] from a trigger, so
 //! every path is covered (another replica, the CLI, psql), and the cache
 //! empties itself when it hears it. It serves only while it is listening: when
@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
 use sha2::{Digest, Sha256};
-use shared::db::ENDED_CHANGED_CHANNEL;
+use shared::db::{ENDED_CHANGED_CHANNEL, notify};
 use shared::job::Job;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// A job as the API sends it: the JSON body and its strong `ETag`.
@@ -170,33 +172,42 @@ impl EndedJobs {
         inner.bytes = 0;
     }
 
-    /// Listens for changes to ended jobs for as long as the process runs,
-    /// reconnecting after `backoff` when the connection is lost. A disabled
-    /// cache (zero ttl or size) does not listen at all.
-    pub fn spawn_listener(self: &Arc<Self>, pool: PgPool, backoff: Duration) {
-        if self.ttl.is_zero() || self.max_bytes == 0 {
-            return;
-        }
+    /// Listens for changes to ended jobs until `stop`, reconnecting after
+    /// `backoff` when the connection is lost. A disabled cache (zero ttl or
+    /// size) does not listen at all.
+    pub fn spawn_listener(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        pool: PgPool,
+        backoff: Duration,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
         let cache = Arc::clone(self);
-        tokio::spawn(async move {
-            // Until the pool is closed: the process (or a test's app) is stopping.
-            while !pool.is_closed() {
-                if let Err(e) = cache.listen(&pool).await {
-                    tracing::debug!(error = %e, "ended-job listener lost; cache off until it is back");
+        tasks.spawn(async move {
+            if cache.ttl.is_zero() || cache.max_bytes == 0 {
+                return stop.cancelled().await;
+            }
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    listened = cache.listen(&pool) => if let Err(e) = listened {
+                        tracing::debug!(error = %e, "ended-job listener lost; cache off until it is back");
+                    },
                 }
                 cache.set_listening(false);
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
             }
-        });
+        })
     }
 
-    async fn listen(&self, pool: &PgPool) -> sqlx::Result<()> {
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(ENDED_CHANGED_CHANNEL).await?;
+    async fn listen(&self, pool: &PgPool) -> shared::db::Result<()> {
+        let mut listener = notify::listen(pool, ENDED_CHANGED_CHANNEL).await?;
         self.set_listening(true);
-        // `None`: the connection was lost (the listener would reconnect on the
-        // next call, silently, without our knowing what was missed).
-        while listener.try_recv().await?.is_some() {
+        // `None`: the connection was lost, and with it what was notified meanwhile.
+        while listener.recv().await?.is_some() {
             self.clear();
         }
         Ok(())

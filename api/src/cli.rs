@@ -1,5 +1,5 @@
-//! The `api` command line: `serve` (the default) and the admin commands of
-//! SPEC §7. Every command exits 0 on success and otherwise prints one line on
+//! The `api` command line: `serve` (the default) and the admin commands (the
+//! README's "Admin CLI"). Every command exits 0 on success and otherwise prints one line on
 //! stderr and exits non-zero.
 
 use std::path::PathBuf;

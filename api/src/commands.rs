@@ -8,11 +8,12 @@ use anyhow::{Context as _, bail};
 use chrono::Utc;
 use serde_json::json;
 use shared::config::Settings;
-use shared::db::jobs::{self, Enqueued, ListFilter, RequeueFilter};
-use shared::job::{Job, JobStatus};
-use shared::outbox;
+use shared::db::{api_keys, jobs};
+use shared::job::{Enqueued, Job, JobStatus, ListFilter, RequeueFilter, RequeueRefused};
+use shared::outbox::Outbox;
 use shared::queue::Publisher;
 use sqlx::PgPool;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::auth::keys;
@@ -21,10 +22,6 @@ use crate::cli::{JobsCommand, KeysCommand, PruneArgs, RequeueArgs};
 /// Rows per statement in bulk requeue and prune: large enough to be quick,
 /// small enough that no transaction or reply grows with the number of jobs.
 pub const BATCH: i64 = 1000;
-
-fn publisher(settings: &Settings) -> Publisher {
-    Publisher::new(&settings.amqp, settings.queues.keys().cloned().collect(), "conveyor-cli")
-}
 
 /// What a requeue did (or, in a dry run, would do).
 #[derive(Debug, Default)]
@@ -53,12 +50,19 @@ pub async fn requeue(
     args: RequeueArgs,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let publisher = publisher(settings);
+    let publisher = Publisher::new(&settings.amqp, settings.queues.keys().cloned().collect(), "conveyor-cli");
+    let tasks = TaskTracker::new();
+    let outbox = Outbox::new(publisher, pool.clone(), &tasks);
     let done = if args.ids.is_empty() {
-        requeue_matching(&publisher, pool, &args).await?
+        requeue_matching(&outbox, pool, &args).await
     } else {
-        requeue_ids(&publisher, pool, &args.ids, args.dry_run).await?
+        requeue_ids(&outbox, pool, &args.ids, args.dry_run).await
     };
+    // Records the confirms before the process ends (else the sweep republishes them).
+    drop(outbox);
+    tasks.close();
+    tasks.wait().await;
+    let done = done?;
     let Requeued { count, ids, unpublished } = done;
     match (args.json, args.dry_run) {
         (true, true) => writeln!(out, "{}", json!({"dry_run": true, "would_requeue": count, "ids": ids}))?,
@@ -82,31 +86,30 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// By id: all or nothing. Every id must name a failed or cancelled job.
-async fn requeue_ids(publisher: &Publisher, pool: &PgPool, ids: &[Uuid], dry_run: bool) -> anyhow::Result<Requeued> {
-    let found = jobs::statuses(pool, ids).await.context("Failed to read the jobs")?;
-    for id in ids {
-        match found.iter().find(|(found, _)| found == id) {
-            None => bail!("no job {id}; nothing was requeued (`api jobs list --status failed` shows candidates)"),
-            Some((_, JobStatus::Failed | JobStatus::Cancelled)) => {}
-            Some((_, status)) => {
-                bail!("job {id} is {status}; only failed or cancelled jobs can be requeued (nothing was requeued)")
-            }
+/// By id: all or nothing. Every id must name a failed or cancelled job; they
+/// are checked and moved in one transaction.
+async fn requeue_ids(outbox: &Outbox, pool: &PgPool, ids: &[Uuid], dry_run: bool) -> anyhow::Result<Requeued> {
+    let moved = match jobs::requeue_exactly(pool, ids, dry_run).await.context("Failed to requeue")? {
+        Ok(moved) => moved,
+        Err(RequeueRefused::Missing(id)) => {
+            bail!("no job {id}; nothing was requeued (`api jobs list --status failed` shows candidates)")
         }
-    }
+        Err(RequeueRefused::NotEnded(id, status)) => {
+            bail!("job {id} is {status}; only failed or cancelled jobs can be requeued (nothing was requeued)")
+        }
+    };
     let mut done = Requeued::default();
     if dry_run {
         done.add(ids.to_vec(), Vec::new(), true);
         return Ok(done);
     }
-    let moved = jobs::requeue(pool, None, ids).await.context("Failed to requeue")?;
-    let (ids, unpublished) = publish(publisher, pool, moved).await?;
+    let (ids, unpublished) = publish(outbox, moved).await;
     done.add(ids, unpublished, true);
     Ok(done)
 }
 
 /// By filter, in batches of [`BATCH`], each its own short statement.
-async fn requeue_matching(publisher: &Publisher, pool: &PgPool, args: &RequeueArgs) -> anyhow::Result<Requeued> {
+async fn requeue_matching(outbox: &Outbox, pool: &PgPool, args: &RequeueArgs) -> anyhow::Result<Requeued> {
     let Some(status) = args.status else { bail!("give job ids or --status") };
     let filter = RequeueFilter {
         status,
@@ -125,7 +128,7 @@ async fn requeue_matching(publisher: &Publisher, pool: &PgPool, args: &RequeueAr
             (ids, Vec::new())
         } else {
             let moved = jobs::requeue_batch(pool, &filter, after, batch).await.context("Failed to requeue")?;
-            publish(publisher, pool, moved).await?
+            publish(outbox, moved).await
         };
         after = ids.iter().max().copied().or(after);
         let taken = i64::try_from(ids.len()).unwrap_or(i64::MAX);
@@ -139,13 +142,13 @@ async fn requeue_matching(publisher: &Publisher, pool: &PgPool, args: &RequeueAr
 }
 
 /// Publishes requeued jobs; returns (all ids, the ids whose publish failed).
-async fn publish(publisher: &Publisher, pool: &PgPool, moved: Vec<Enqueued>) -> anyhow::Result<(Vec<Uuid>, Vec<Uuid>)> {
+async fn publish(outbox: &Outbox, moved: Vec<Enqueued>) -> (Vec<Uuid>, Vec<Uuid>) {
     let ids: Vec<Uuid> = moved.iter().map(|job| job.id).collect();
     if moved.is_empty() {
-        return Ok((ids, Vec::new()));
+        return (ids, Vec::new());
     }
-    let report = outbox::publish(publisher, pool, moved).await.context("Failed to record publishes")?;
-    Ok((ids, report.failed.into_iter().map(|(id, _)| id).collect()))
+    let report = outbox.publish(moved).await;
+    (ids, report.failed.into_iter().map(|(id, _)| id).collect())
 }
 
 pub async fn jobs(pool: &PgPool, command: JobsCommand, out: &mut impl Write) -> anyhow::Result<()> {
@@ -234,7 +237,7 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
             writeln!(out, "{token}")?;
         }
         KeysCommand::List { json } => {
-            let keys = keys::list(pool).await.context("Failed to list keys")?;
+            let keys = api_keys::list(pool).await.context("Failed to list keys")?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&keys)?)?;
             } else {
@@ -258,7 +261,7 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
                 }
             }
         }
-        KeysCommand::Revoke { key_id } => match keys::revoke(pool, key_id).await.context("Failed to revoke")? {
+        KeysCommand::Revoke { key_id } => match api_keys::revoke(pool, key_id).await.context("Failed to revoke")? {
             Some(key) => writeln!(out, "revoked key {} (tenant {}, prefix {})", key.id, key.tenant, key.prefix)?,
             None => bail!("no key {key_id} (`api keys list` shows them)"),
         },

@@ -1,15 +1,18 @@
 //! Errors of the HTTP layer and their problem+json bodies (RFC 9457).
 //!
-//! Which error goes where: `shared` returns its own errors (`sqlx::Error`,
-//! `PublishError`, `FieldError`); handlers turn them into [`ApiError`], the one
-//! type a route returns. Client mistakes become 4xx with a `detail` that says
-//! what to change; infrastructure failures become 503 (retry later) or an
-//! opaque 500 whose cause is logged, never sent.
+//! Which error goes where: `shared` returns its own errors ([`shared::db::Error`]
+//! from storage, `PublishError` from RabbitMQ, `FieldError` from job types);
+//! routes and the job service return [`ApiError`], the one type a route
+//! answers with. Client mistakes become 4xx with a `detail` that says what to
+//! change. Whether a database failure is a 503 (retry later) or a 500 is
+//! decided in one place, `From<db::Error>`; a 500 logs its whole cause chain
+//! and sends none of it.
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
+use shared::db;
 
 /// A problem with one field of the request, for 422's `errors`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -57,43 +60,18 @@ pub enum ApiError {
     /// 503: a dependency is down or saturated; retry after a moment.
     #[error("{0}")]
     Unavailable(String),
-    /// 500 unless the database error says the database is unreachable (503).
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
     /// 500: a failure whose cause is logged, not shown.
-    #[error("{0}")]
-    Internal(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
 }
 
-/// A database failure shared by every request of one batched statement
-/// (see [`shared::batch`]): cloneable, and still telling "unreachable" (503)
-/// from everything else (500).
-#[derive(Debug, Clone)]
-pub enum SharedDbError {
-    Unavailable(String),
-    Failed(String),
-}
-
-impl From<sqlx::Error> for SharedDbError {
-    fn from(e: sqlx::Error) -> Self {
-        if shared::db::unavailable(&e) { Self::Unavailable(e.to_string()) } else { Self::Failed(format!("{e:?}")) }
-    }
-}
-
-impl From<shared::batch::BatchFailure> for SharedDbError {
-    fn from(failure: shared::batch::BatchFailure) -> Self {
-        Self::Failed(String::from(failure))
-    }
-}
-
-impl From<SharedDbError> for ApiError {
-    fn from(e: SharedDbError) -> Self {
-        match e {
-            SharedDbError::Unavailable(cause) => {
-                tracing::warn!(error = %cause, "database unavailable");
-                Self::Unavailable("the database is unavailable; retry shortly".to_owned())
-            }
-            SharedDbError::Failed(cause) => Self::Internal(cause),
+impl From<db::Error> for ApiError {
+    fn from(e: db::Error) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            Self::Unavailable("the database is unavailable; retry shortly".to_owned())
+        } else {
+            Self::Internal(anyhow::Error::new(e))
         }
     }
 }
@@ -114,14 +92,11 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Validation(_) => "validation-error",
             Self::Unavailable(_) => "service-unavailable",
-            Self::Db(e) if shared::db::unavailable(e) => "service-unavailable",
-            Self::Db(_) | Self::Internal(_) => "internal-error",
+            Self::Internal(_) => "internal-error",
         }
     }
 }
 
-/// Errors that mean "the database cannot be reached right now", as opposed to a
-/// bug in a query: the pool timed out or the connection failed.
 #[derive(Serialize)]
 struct Problem<'a> {
     #[serde(rename = "type")]
@@ -146,24 +121,15 @@ impl ResponseError for ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Db(e) if shared::db::unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Db(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         let detail = match self {
-            Self::Db(e) if shared::db::unavailable(e) => {
-                tracing::warn!(error = %e, "database unavailable");
-                "the database is unavailable; retry shortly".to_owned()
-            }
-            Self::Db(e) => {
-                tracing::error!(error = ?e, "database error");
-                "internal error".to_owned()
-            }
             Self::Internal(cause) => {
-                tracing::error!(error = %cause, "internal error");
+                tracing::error!(error = %format!("{cause:#}"), "internal error");
                 "internal error".to_owned()
             }
             Self::Validation(errors) => {

@@ -3,18 +3,30 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line; [`commands`]: the admin commands behind it.
-//! - [`startup`]: building, binding and running the server.
-//! - [`routes`]: the HTTP routes and the request-id middleware.
-//! - [`auth`]: API keys, JWTs, scopes: who is calling.
-//! - [`body`]: JSON request bodies with precise errors.
+//! - [`startup`]: building, binding and running the server and its background tasks.
+//! - [`state`]: what every handler can reach.
+//! - [`routes`]: the HTTP routes (thin: read the request, call the service, answer) and the request-id middleware.
+//! - [`service`]: the job service: validate → insert → publish → record, reads, cancels, requeues.
+//! - [`submission`]: the submit body and its validation.
+//! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
 //! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
+//! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
+//! - [`body`]: JSON request bodies with precise errors.
 //! - [`error`]: [`error::ApiError`] and problem+json.
+//!
+//! One submission travels `routes::jobs::submit` → `body::read_json` →
+//! `service::JobService::submit` (`submission` validates; `shared::db::jobs`
+//! inserts, batched; `shared::outbox` publishes and records the confirm).
 
 pub mod auth;
 pub mod body;
 pub mod cache;
+pub mod caching;
 pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod routes;
+pub mod service;
 pub mod startup;
+pub mod state;
+pub mod submission;

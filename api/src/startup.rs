@@ -1,5 +1,12 @@
 //! Building and running the HTTP server. [`Application::build`] returns with
-//! the listener already bound, so tests can ask for port 0 and read the port.
+//! the listener already bound, so tests can ask for port 0 and read the port;
+//! [`Application::run_until_stopped`] serves until a signal, then drains the
+//! requests in flight and flushes the background tasks.
+//!
+//! The background tasks (the insert batcher, the confirm recorder, the
+//! ended-job listener) run on one [`TaskTracker`]: the batchers end once the
+//! application state that feeds them is dropped with the server, having
+//! written what they held; the listener ends on a cancellation token.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -11,36 +18,30 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use shared::config::Settings;
 use shared::db;
-use shared::outbox::Recorder;
+use shared::outbox::Outbox;
 use shared::queue::Publisher;
 use sqlx::PgPool;
-
-use shared::batch::Batcher;
-use shared::job::{Job, NewJob};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::cache::EndedJobs;
-use crate::error::SharedDbError;
 use crate::routes;
+use crate::service::JobService;
+use crate::state::AppState;
 
-/// What every request handler can reach.
-pub struct AppState {
-    pub settings: Settings,
-    pub pool: PgPool,
-    pub publisher: Publisher,
-    /// Inserts submitted jobs, those arriving together in one statement.
-    /// One submission's refused values fail only that submission.
-    pub inserter: Batcher<NewJob, Result<Job, SharedDbError>, SharedDbError>,
-    /// Records confirmed publishes in batches (see [`shared::outbox`]).
-    pub recorder: Recorder,
-    pub auth: Authenticator,
-    /// Ended jobs served from memory (see [`crate::cache`]).
-    pub ended: Arc<EndedJobs>,
-}
+/// How long, after the server stopped, the background tasks may take to
+/// write what they hold (confirms, a last batch of inserts).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Application {
     port: u16,
     server: Server,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    /// The one background task that runs for as long as the server does.
+    listener: JoinHandle<()>,
 }
 
 impl Application {
@@ -55,7 +56,7 @@ impl Application {
 
     /// Binds the server on `http.host:http.port` with an existing pool.
     pub async fn build_with_pool(settings: Settings, pool: PgPool) -> anyhow::Result<Self> {
-        let auth = Authenticator::new(&settings.auth)?;
+        let auth = web::Data::new(Authenticator::new(&settings.auth, pool.clone())?);
         let address = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&address).with_context(|| format!("Failed to bind {address}"))?;
         let port = listener.local_addr()?.port();
@@ -68,21 +69,28 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         };
-        let recorder = Recorder::spawn(pool.clone());
-        let inserter = inserter(pool.clone());
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
         let http = &settings.http;
         let ended =
             Arc::new(EndedJobs::new(Duration::from_secs(u64::from(http.ended_cache_seconds)), http.ended_cache_bytes));
-        ended.spawn_listener(pool.clone(), Duration::from_millis(500));
-        let state = web::Data::new(AppState { settings, pool, publisher, inserter, recorder, auth, ended });
+        let ended_listener = ended.spawn_listener(&tasks, pool.clone(), Duration::from_millis(500), stop.clone());
+        let settings = Arc::new(settings);
+        let outbox = Outbox::new(publisher.clone(), pool.clone(), &tasks);
+        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, &tasks);
+        let state = web::Data::new(AppState { settings, pool, publisher, jobs });
         let server = HttpServer::new(move || {
-            App::new().app_data(state.clone()).wrap(from_fn(routes::request_id)).configure(routes::configure)
+            App::new()
+                .app_data(state.clone())
+                .app_data(auth.clone())
+                .wrap(from_fn(routes::request_id))
+                .configure(routes::configure)
         })
         .workers(workers)
         .listen(listener)?
         .run();
         tracing::info!(%address, port, "API listening");
-        Ok(Self { port, server })
+        Ok(Self { port, server, tasks, stop, listener: ended_listener })
     }
 
     pub fn port(&self) -> u16 {
@@ -95,21 +103,25 @@ impl Application {
     }
 
     /// Serves until SIGINT/SIGTERM (or [`ServerHandle::stop`]), then drains
-    /// in-flight requests.
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
-    }
-}
-
-/// Submissions per insert statement at most.
-const INSERT_BATCH: usize = 256;
-
-fn inserter(pool: PgPool) -> Batcher<NewJob, Result<Job, SharedDbError>, SharedDbError> {
-    Batcher::spawn(INSERT_BATCH, move |jobs: Vec<NewJob>| {
-        let pool = pool.clone();
-        async move {
-            let each = shared::db::jobs::insert_each_if_refused(&pool, &jobs).await?;
-            Ok(each.into_iter().map(|job| job.map_err(SharedDbError::from)).collect())
+    /// in-flight requests and flushes the background tasks. Says which task
+    /// ended and why: the server on a signal (`Ok`), or a background task that
+    /// stopped on its own (`Err`, after stopping the server).
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { server, tasks, stop, mut listener, .. } = self;
+        let handle = server.handle();
+        let ended = tokio::select! {
+            served = server => served.context("the HTTP server failed"),
+            listened = &mut listener => {
+                handle.stop(true).await;
+                Err(anyhow::anyhow!("the ended-job listener stopped on its own: {listened:?}"))
+            }
+        };
+        tracing::info!("HTTP server stopped; writing what the background tasks hold");
+        stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(FLUSH_TIMEOUT, tasks.wait()).await.is_err() {
+            tracing::warn!(timeout = ?FLUSH_TIMEOUT, "background tasks did not finish; unrecorded confirms are republished by the outbox sweep");
         }
-    })
+        ended
+    }
 }

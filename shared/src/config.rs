@@ -1,4 +1,4 @@
-//! Configuration (SPEC §2): built-in defaults, then an optional TOML file, then
+//! Configuration (README, "Configuration"): built-in defaults, then an optional TOML file, then
 //! `CONVEYOR__…` environment variables, then `DATABASE_URL` / `AMQP_URL`.
 //!
 //! Loading validates everything once, so a bad value stops start-up with one

@@ -1,4 +1,6 @@
-//! The job model of SPEC §3: a job's states, its stored record and its error.
+//! The job model: a job's states, its stored record and its error, and the
+//! values the API, the workers and the storage layer pass each other about
+//! jobs (what was queued, what was claimed, how a run ended, filters).
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +12,16 @@ use serde_json::Value;
 use uuid::Uuid;
 
 /// Where a job is in its life. Moves between states are guarded updates in
-/// [`crate::db::jobs`]; the allowed moves are those of SPEC §3.
+/// [`crate::db::jobs`]; the allowed moves are these:
+///
+/// ```text
+/// scheduled -> queued -> running -> succeeded
+///                          |-> retrying -> queued     (attempts left)
+///                          |-> failed                 (exhausted, permanent, timeout on the last attempt)
+/// scheduled | queued | retrying -> cancelled
+/// running -> cancelled                                (cooperative: the handler is told)
+/// failed | cancelled -> queued                        (an operator's requeue)
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -116,16 +127,14 @@ impl FailureKind {
 }
 
 /// A job as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: Uuid,
     pub tenant: String,
     pub queue: String,
     #[serde(rename = "type")]
-    #[sqlx(rename = "type")]
     pub kind: String,
     pub payload: Value,
-    #[sqlx(try_from = "String")]
     pub status: JobStatus,
     pub priority: i16,
     pub attempt: i32,
@@ -134,7 +143,6 @@ pub struct Job {
     pub run_at: DateTime<Utc>,
     pub progress: Option<i16>,
     pub result: Option<Value>,
-    #[sqlx(json(nullable))]
     pub error: Option<JobFailure>,
     pub idempotency_key: Option<String>,
     pub request_id: Option<String>,
@@ -163,6 +171,138 @@ pub struct NewJob {
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
     pub request_id: Option<String>,
+}
+
+/// A job made `queued` whose message must be published: what the outbox and
+/// the publisher need of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: Uuid,
+    pub queue: String,
+    pub priority: i16,
+    /// When the statement that queued it ran (the job's `updated_at` then, and
+    /// its outbox row's `created_at`): tells this queued stint from later ones.
+    pub queued_at: DateTime<Utc>,
+}
+
+impl Enqueued {
+    pub fn outbox_row(&self) -> OutboxRow {
+        OutboxRow { job_id: self.id, queued_at: self.queued_at }
+    }
+}
+
+impl From<&Job> for Enqueued {
+    /// A job as returned by the statement that queued it.
+    fn from(job: &Job) -> Self {
+        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, queued_at: job.updated_at }
+    }
+}
+
+/// A job's row in the outbox: which job, and which queued stint of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub job_id: Uuid,
+    pub queued_at: DateTime<Utc>,
+}
+
+/// What a worker needs to run a job it has just claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: Uuid,
+    pub tenant: String,
+    pub queue: String,
+    pub kind: String,
+    pub payload: Value,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_seconds: i32,
+    pub request_id: Option<String>,
+    /// Fresh at every claim; every later write about this run must present it.
+    pub lease_token: Uuid,
+}
+
+impl Claimed {
+    pub fn lease(&self) -> Lease {
+        Lease { id: self.id, token: self.lease_token }
+    }
+}
+
+/// A running job's lease, as its worker holds it: the fence of every write
+/// about that run (progress, renewal, outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: Uuid,
+    pub token: Uuid,
+}
+
+/// How a running attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded(Value),
+    /// Failed with attempts left: waits in `retrying` until `retry_at`.
+    Retrying {
+        error: JobFailure,
+        retry_at: DateTime<Utc>,
+    },
+    Failed(JobFailure),
+    Cancelled(JobFailure),
+}
+
+impl Outcome {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Self::Succeeded(_) => JobStatus::Succeeded,
+            Self::Retrying { .. } => JobStatus::Retrying,
+            Self::Failed(_) => JobStatus::Failed,
+            Self::Cancelled(_) => JobStatus::Cancelled,
+        }
+    }
+}
+
+/// The result of asking to cancel a job.
+#[derive(Debug)]
+pub enum Cancel {
+    /// It was scheduled, queued or retrying, and is now cancelled.
+    Cancelled(Job),
+    /// It is running; its worker has been asked to stop it.
+    Requested(Job),
+    /// It had already ended.
+    Terminal(Job),
+    NotFound,
+    /// It kept moving between states while being cancelled (claimed, failed,
+    /// retried in between every look): the caller may simply try again.
+    KeptChanging,
+}
+
+/// Which jobs a list shows; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<String>,
+    pub queue: Option<String>,
+    /// Keyset cursor: only jobs older (smaller id) than this one.
+    pub before: Option<Uuid>,
+}
+
+/// Which jobs a bulk requeue (or its dry run) takes.
+#[derive(Debug, Clone)]
+pub struct RequeueFilter {
+    /// `failed` or `cancelled`.
+    pub status: JobStatus,
+    pub kind: Option<String>,
+    pub queue: Option<String>,
+    pub tenant: Option<String>,
+    /// Only jobs that finished at or after this time.
+    pub finished_since: Option<DateTime<Utc>>,
+}
+
+/// Why a requeue by ids changed nothing: it is all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequeueRefused {
+    /// No job has this id.
+    Missing(Uuid),
+    /// This job is neither failed nor cancelled.
+    NotEnded(Uuid, JobStatus),
 }
 
 /// The tenant every job belongs to until API keys bring real tenants.

@@ -6,10 +6,11 @@
 //! - [`batch`]: timer-less batching of database writes.
 //! - [`cli`]: argument parsing with one-line usage errors.
 //! - [`config`]: layered settings (defaults, file, environment), validated once.
-//! - [`job`]: job states, the stored job, failures.
+//! - [`job`]: the job model: states, the stored job, failures, and what the API, workers and storage pass each other.
 //! - [`kinds`]: the job types and their registry.
-//! - [`db`]: the pool, migrations, and every query (jobs, workers, the reconciler's leadership).
-//! - [`outbox`]: publishing committed jobs and recording the confirms.
+//! - [`db`]: the storage layer: every SQL statement, checked at compile time, and its error type.
+//! - [`outbox`]: publishing committed jobs and recording the confirms, in batches.
+//! - [`scope`]: what a token may do.
 //! - [`queue`]: the RabbitMQ message, topology, publisher, and the deliveries a worker consumes.
 //! - [`signal`]: SIGINT/SIGTERM handling.
 //! - [`telemetry`]: logging set-up.
@@ -23,6 +24,7 @@ pub mod job;
 pub mod kinds;
 pub mod outbox;
 pub mod queue;
+pub mod scope;
 pub mod signal;
 pub mod telemetry;
 #[cfg(feature = "test-util")]

@@ -1,20 +1,24 @@
 //! Publishing jobs that are already committed: publish each with a confirm,
 //! then record the confirms. Every statement that makes a job queued also puts
-//! it in the `outbox` table; a confirm takes it out. A job whose publish fails
-//! stays there, where the reconciler's outbox sweep finds it.
+//! it in the `outbox` table; a recorded confirm takes it out. A job whose
+//! publish fails stays there, where the reconciler's sweep finds it.
 //!
 //! Recording a confirm is bookkeeping, not durability (the job is durable once
-//! its row is committed and its message confirmed), so the API records them
-//! through a [`Recorder`], many per statement. If a recording is lost (a
-//! crash between confirm and flush), the sweep publishes the job again and the
-//! duplicate message is dropped by the worker that finds the job claimed.
+//! its row is committed and its message confirmed), so confirms are recorded
+//! in batches, many per statement, without anyone waiting for them. If a
+//! recording is lost (a crash between confirm and flush), the sweep publishes
+//! the job again and the duplicate message is dropped by the worker that finds
+//! the job claimed. Closing the [`Outbox`] (dropping every clone, then waiting
+//! for its task tracker) records what is pending.
 
 use sqlx::PgPool;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::db::jobs::{self, Enqueued, OutboxRow};
+use crate::batch::Batcher;
+use crate::db;
+use crate::job::{Enqueued, OutboxRow};
 use crate::queue::{PublishError, Publisher};
 
 /// What became of a batch of publishes.
@@ -24,23 +28,52 @@ pub struct Report {
     pub failed: Vec<(Uuid, PublishError)>,
 }
 
-/// Publishes `jobs` concurrently (their confirms pipelined on one channel)
-/// and marks the confirmed ones published in one statement.
-pub async fn publish(publisher: &Publisher, pool: &PgPool, jobs: Vec<Enqueued>) -> sqlx::Result<Report> {
-    let report = publish_all(publisher, jobs).await;
-    if !report.published.is_empty() {
-        jobs::mark_published(pool, &report.published).await?;
-    }
-    Ok(report)
+/// Confirms recorded per statement at most.
+const RECORD_BATCH: usize = 1024;
+
+/// Publishes committed jobs and records their confirms.
+#[derive(Clone)]
+pub struct Outbox {
+    publisher: Publisher,
+    recorder: Batcher<OutboxRow, (), db::Error>,
 }
 
-/// Publishes `jobs` and hands the confirmed ones to `recorder`.
-pub async fn publish_recorded(publisher: &Publisher, recorder: &Recorder, jobs: Vec<Enqueued>) -> Report {
-    let report = publish_all(publisher, jobs).await;
-    for row in &report.published {
-        recorder.record(*row).await;
+impl Outbox {
+    /// An outbox publishing with `publisher`, whose recording task runs on
+    /// `tasks` (it ends, having recorded everything, once every clone is dropped).
+    pub fn new(publisher: Publisher, pool: PgPool, tasks: &TaskTracker) -> Self {
+        let recorder = Batcher::spawn(tasks, RECORD_BATCH, move |confirms: Vec<OutboxRow>| {
+            let pool = pool.clone();
+            async move {
+                match db::outbox::confirmed(&pool, &confirms).await {
+                    Ok(()) => Ok(vec![(); confirms.len()]),
+                    Err(e) => {
+                        // Not lost: unrecorded jobs are republished by the outbox sweep.
+                        tracing::warn!(error = %e, count = confirms.len(), "could not record publishes");
+                        Err(e)
+                    }
+                }
+            }
+        });
+        Self { publisher, recorder }
     }
-    report
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// Publishes `jobs` (their confirms pipelined on one channel) and hands the
+    /// confirmed ones to the recorder. Failures are logged and reported; the
+    /// jobs stay in the outbox for the sweep.
+    pub async fn publish(&self, jobs: Vec<Enqueued>) -> Report {
+        let report = publish_all(&self.publisher, jobs).await;
+        for row in &report.published {
+            if self.recorder.send(*row).await.is_err() {
+                tracing::warn!(job.id = %row.job_id, "publish recorder stopped; the outbox sweep will republish the job");
+            }
+        }
+        report
+    }
 }
 
 /// Publishes `jobs` and records nothing: for jobs that are not in the outbox
@@ -75,43 +108,4 @@ pub async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
         tracing::warn!(job.id = %id, error = %e, "publish failed; the job stays in the outbox");
     }
     report
-}
-
-/// Confirms waiting to be recorded at most; past it, recording waits (backpressure).
-const RECORDER_CAPACITY: usize = 16_384;
-
-/// Confirms recorded per statement at most.
-const RECORDER_BATCH: usize = 1024;
-
-/// Records confirmed publishes in batches: while one statement runs, the next
-/// confirms queue up, so under load each statement records many jobs and when
-/// idle each records one at once. No timer, no added latency.
-#[derive(Clone)]
-pub struct Recorder {
-    confirms: mpsc::Sender<OutboxRow>,
-}
-
-impl Recorder {
-    /// Starts the recording task on the current runtime. It ends, after
-    /// recording what it was given, when every `Recorder` clone is dropped.
-    pub fn spawn(pool: PgPool) -> Self {
-        let (confirms, mut queue) = mpsc::channel(RECORDER_CAPACITY);
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(RECORDER_BATCH);
-            while queue.recv_many(&mut batch, RECORDER_BATCH).await > 0 {
-                if let Err(e) = jobs::mark_published(&pool, &batch).await {
-                    // Not lost: unrecorded jobs are republished by the outbox sweep.
-                    tracing::warn!(error = %e, count = batch.len(), "could not record publishes");
-                }
-                batch.clear();
-            }
-        });
-        Self { confirms }
-    }
-
-    pub async fn record(&self, published: OutboxRow) {
-        if self.confirms.send(published).await.is_err() {
-            tracing::warn!(job.id = %published.job_id, "publish recorder stopped; the outbox sweep will republish the job");
-        }
-    }
 }

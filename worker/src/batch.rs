@@ -2,8 +2,10 @@
 //! one statement, and one commit, serves many jobs.
 
 use shared::batch::Batcher;
-use shared::db::jobs::{self, Claimed, Lease, Outcome};
+use shared::db::{self, jobs};
+use shared::job::{Claimed, Lease, Outcome};
 use sqlx::PgPool;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// Requests per statement at most.
@@ -11,15 +13,14 @@ const BATCH: usize = 256;
 
 /// Claims jobs for one worker.
 #[derive(Clone)]
-pub struct Claimer(Batcher<Uuid, Option<Claimed>>);
+pub struct Claimer(Batcher<Uuid, Option<Claimed>, db::Error>);
 
 impl Claimer {
-    pub fn spawn(pool: PgPool, worker: Uuid, lease_seconds: i32) -> Self {
-        Self(Batcher::spawn(BATCH, move |ids: Vec<Uuid>| {
+    pub fn spawn(tasks: &TaskTracker, pool: PgPool, worker: Uuid, lease_seconds: i32) -> Self {
+        Self(Batcher::spawn(tasks, BATCH, move |ids: Vec<Uuid>| {
             let pool = pool.clone();
             async move {
-                let mut claimed =
-                    jobs::claim_many(&pool, &ids, worker, lease_seconds).await.map_err(|e| e.to_string())?;
+                let mut claimed = jobs::claim_many(&pool, &ids, worker, lease_seconds).await?;
                 // Taken out, not copied: if two messages for one job share a
                 // batch, only the first runs it; the other is a duplicate.
                 Ok(ids
@@ -31,30 +32,29 @@ impl Claimer {
     }
 
     /// Claims job `id`; `Ok(None)` when it is not queued (see [`jobs::claim`]).
-    pub async fn claim(&self, id: Uuid) -> Result<Option<Claimed>, String> {
+    pub async fn claim(&self, id: Uuid) -> db::Result<Option<Claimed>> {
         self.0.call(id).await
     }
 }
 
 /// Records job outcomes for one worker.
 #[derive(Clone)]
-pub struct OutcomeWriter(Batcher<(Lease, Outcome), Result<bool, String>>);
+pub struct OutcomeWriter(Batcher<(Lease, Outcome), db::Result<bool>, db::Error>);
 
 impl OutcomeWriter {
-    pub fn spawn(pool: PgPool) -> Self {
-        Self(Batcher::spawn(BATCH, move |outcomes: Vec<(Lease, Outcome)>| {
+    pub fn spawn(tasks: &TaskTracker, pool: PgPool) -> Self {
+        Self(Batcher::spawn(tasks, BATCH, move |outcomes: Vec<(Lease, Outcome)>| {
             let pool = pool.clone();
             async move {
                 let refs: Vec<(Lease, &Outcome)> = outcomes.iter().map(|(lease, outcome)| (*lease, outcome)).collect();
-                let each = jobs::finish_each_if_refused(&pool, &refs).await.map_err(|e| e.to_string())?;
-                Ok(each.into_iter().map(|written| written.map_err(|e| e.to_string())).collect())
+                jobs::finish_each_if_refused(&pool, &refs).await
             }
         }))
     }
 
     /// Records `outcome` for the run holding `lease`: `Ok(false)` when the
     /// lease is no longer the job's (see [`jobs::finish`]).
-    pub async fn write(&self, lease: Lease, outcome: Outcome) -> Result<bool, String> {
+    pub async fn write(&self, lease: Lease, outcome: Outcome) -> db::Result<bool> {
         self.0.call((lease, outcome)).await?
     }
 }

@@ -14,18 +14,19 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::Value;
 use shared::config::JobSettings;
-use shared::db::jobs::{self, Claimed, Lease, Outcome};
-use shared::job::{FailureKind, JobFailure};
+use shared::db::jobs;
+use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome};
 use shared::kinds::{self, JobContext, JobError};
-use shared::outbox;
-use shared::queue::{Delivery, Message, Publisher};
+use shared::outbox::Outbox;
+use shared::queue::{Delivery, Message, QueueError};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
+use uuid::Uuid;
 
 use crate::batch::{Claimer, OutcomeWriter};
-use uuid::Uuid;
 
 /// How long to wait before handing a message back when Postgres is unreachable,
 /// so a database outage does not turn into a hot redelivery loop.
@@ -67,7 +68,7 @@ struct Running {
 /// Runs jobs for one worker process.
 pub struct Executor {
     pool: PgPool,
-    publisher: Publisher,
+    outbox: Outbox,
     claimer: Claimer,
     outcomes: OutcomeWriter,
     settings: JobSettings,
@@ -94,13 +95,22 @@ enum After {
 }
 
 impl Executor {
-    pub fn new(worker_id: Uuid, pool: PgPool, publisher: Publisher, settings: JobSettings, lease_seconds: u32) -> Self {
+    /// An executor for worker `worker_id`; its batching tasks run on `tasks`
+    /// and end once the executor is dropped.
+    pub fn new(
+        worker_id: Uuid,
+        pool: PgPool,
+        outbox: Outbox,
+        settings: JobSettings,
+        lease_seconds: u32,
+        tasks: &TaskTracker,
+    ) -> Self {
         let lease_seconds = i32::try_from(lease_seconds).unwrap_or(i32::MAX);
         Self {
-            claimer: Claimer::spawn(pool.clone(), worker_id, lease_seconds),
-            outcomes: OutcomeWriter::spawn(pool.clone()),
+            claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds),
+            outcomes: OutcomeWriter::spawn(tasks, pool.clone()),
             pool,
-            publisher,
+            outbox,
             settings,
             lease_seconds,
             running: Mutex::new(HashMap::new()),
@@ -112,10 +122,12 @@ impl Executor {
         self.running.lock().map_or(0, |running| running.len())
     }
 
-    /// Tells the handler of job `id`, if it runs here, to stop for `why`.
-    fn stop(&self, id: Uuid, why: Stop) {
+    /// Tells the handler of job `id`, if it runs here (the run holding
+    /// `token`, when given), to stop for `why`.
+    fn stop(&self, id: Uuid, token: Option<Uuid>, why: Stop) {
         if let Ok(running) = self.running.lock()
             && let Some(job) = running.get(&id)
+            && token.is_none_or(|token| token == job.token)
         {
             let _ = job.stop.compare_exchange(0, why as u8, Ordering::SeqCst, Ordering::SeqCst);
             job.cancel.cancel();
@@ -124,20 +136,21 @@ impl Executor {
 
     /// A client asked to cancel job `id`.
     pub fn cancel(&self, id: Uuid) {
-        self.stop(id, Stop::Cancelled);
+        // Whichever run it is: a cancel is of the job, not of one run.
+        self.stop(id, None, Stop::Cancelled);
     }
 
     /// Tells every running handler to stop so that its job can be handed back.
     pub fn stop_all(&self) {
         let ids: Vec<Uuid> = self.running.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
         for id in ids {
-            self.stop(id, Stop::Shutdown);
+            self.stop(id, None, Stop::Shutdown);
         }
     }
 
     /// Renews the leases of every running job, and stops the handlers of jobs
     /// that were cancelled meanwhile or whose lease is gone.
-    pub async fn renew_leases(&self) -> sqlx::Result<()> {
+    pub async fn renew_leases(&self) -> shared::db::Result<()> {
         let leases: Vec<Lease> = match self.running.lock() {
             Ok(running) => running.iter().map(|(id, job)| Lease { id: *id, token: job.token }).collect(),
             Err(_) => return Ok(()),
@@ -146,11 +159,13 @@ impl Executor {
             return Ok(());
         }
         let held = jobs::renew(&self.pool, &leases, self.lease_seconds).await?;
+        // By lease, not by job id: the job may have ended meanwhile and a new
+        // run of it started here, which this answer says nothing about.
         for lease in &leases {
             match held.iter().find(|(id, _)| *id == lease.id) {
-                Some((id, true)) => self.stop(*id, Stop::Cancelled),
+                Some((_, true)) => self.stop(lease.id, Some(lease.token), Stop::Cancelled),
                 Some((_, false)) => {}
-                None => self.stop(lease.id, Stop::LeaseLost),
+                None => self.stop(lease.id, Some(lease.token), Stop::LeaseLost),
             }
         }
         Ok(())
@@ -220,7 +235,7 @@ impl Executor {
 
     async fn execute(&self, job: Claimed) {
         let started = std::time::Instant::now();
-        let lease = Lease { id: job.id, token: job.lease_token };
+        let lease = job.lease();
         let cancel = CancellationToken::new();
         let stop = Arc::new(AtomicU8::new(0));
         if let Ok(mut running) = self.running.lock() {
@@ -230,7 +245,9 @@ impl Executor {
             Some(kind) => self.run_handler(kind, &job, lease, cancel).await,
             None => Ran::Returned(Err(JobError::Permanent(format!("unknown job type {:?}", job.kind)))),
         };
-        if let Ok(mut running) = self.running.lock() {
+        if let Ok(mut running) = self.running.lock()
+            && running.get(&job.id).is_some_and(|run| run.token == job.lease_token)
+        {
             running.remove(&job.id);
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -269,9 +286,7 @@ impl Executor {
         match jobs::release(&self.pool, lease).await {
             Ok(Some(job)) => {
                 tracing::info!("handed back unfinished at shutdown");
-                if let Err(e) = outbox::publish(&self.publisher, &self.pool, vec![job]).await {
-                    tracing::warn!(error = %e, "could not record the publish of a handed-back job");
-                }
+                self.outbox.publish(vec![job]).await;
             }
             Ok(None) => tracing::warn!("could not hand back: this run no longer holds the job's lease"),
             Err(e) => tracing::warn!(error = %e, "could not hand back; the lease will expire and the job be retried"),
@@ -359,7 +374,7 @@ impl Executor {
 
 /// Waits for a settlement of a delivery, logging one that failed: the message
 /// then stays with RabbitMQ, which delivers it again.
-async fn settle(settled: impl Future<Output = Result<(), shared::queue::QueueError>>, what: &str) {
+async fn settle(settled: impl Future<Output = Result<(), QueueError>>, what: &str) {
     if let Err(e) = settled.await {
         tracing::warn!(error = %e, "could not {what} a message");
     }

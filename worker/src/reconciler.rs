@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use shared::config::Settings;
 use shared::db::leadership::{self, Claim, RECONCILER, Term};
-use shared::db::{jobs, workers};
-use shared::outbox;
-use shared::queue::Publisher;
+use shared::db::{self, jobs, workers};
+use shared::job::Enqueued;
+use shared::outbox::{self, Outbox};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -60,15 +60,15 @@ impl Lead {
 pub enum Interrupted {
     #[error("another reconciler leads now")]
     Lost,
-    #[error("Postgres: {0}")]
-    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Db(#[from] db::Error),
 }
 
 pub struct Reconciler {
     /// The worker process's id: the holder named in the leadership row.
     id: Uuid,
     pool: PgPool,
-    publisher: Publisher,
+    outbox: Outbox,
     /// Every configured queue, consumed here or not: the leader looks after all.
     queues: Vec<String>,
     interval: Duration,
@@ -83,12 +83,12 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(id: Uuid, pool: PgPool, publisher: Publisher, settings: &Settings) -> Self {
+    pub fn new(id: Uuid, pool: PgPool, outbox: Outbox, settings: &Settings) -> Self {
         let worker = &settings.worker;
         Self {
             id,
             pool,
-            publisher,
+            outbox,
             queues: settings.queues.keys().cloned().collect(),
             interval: Duration::from_millis(worker.reconcile_interval_ms),
             ttl: worker.leader_ttl(),
@@ -102,7 +102,7 @@ impl Reconciler {
 
     /// Tries once to take (or renew) the leadership: what tests use to make a
     /// reconciler lead without running its loop.
-    pub async fn elect(&self) -> sqlx::Result<Option<Lead>> {
+    pub async fn elect(&self) -> db::Result<Option<Lead>> {
         let asked = Instant::now();
         Ok(match leadership::claim(&self.pool, RECONCILER, self.id, self.ttl).await? {
             Claim::Held { term, .. } => Some(Lead::new(term, asked, self.ttl)),
@@ -232,7 +232,7 @@ impl Reconciler {
             tracing::warn!(count = rescued, "rescued jobs whose worker was lost");
         }
         self.renew(lead, false).await?;
-        let unpublished = jobs::unpublished(&self.pool, lead.term, self.outbox_grace_seconds, BATCH).await?;
+        let unpublished = db::outbox::sweep(&self.pool, lead.term, self.outbox_grace_seconds, BATCH).await?;
         if !unpublished.is_empty() {
             tracing::info!(count = unpublished.len(), "republishing jobs whose publish was never confirmed");
             self.publish(unpublished, lead).await;
@@ -265,7 +265,7 @@ impl Reconciler {
         for queue in &self.queues {
             // Read first: a message claimed meanwhile leaves the queued count
             // too, so the shortfall can only be underestimated, never invented.
-            let ready = match self.publisher.queue_stats(queue).await {
+            let ready = match self.outbox.publisher().queue_stats(queue).await {
                 Ok((ready, _consumers)) => i64::from(ready),
                 Err(e) => {
                     tracing::debug!(%queue, error = %e, "could not count a queue's messages");
@@ -295,7 +295,8 @@ impl Reconciler {
             }
             tracing::warn!(%queue, count = lost.len(), ready, held, queued, "republishing queued jobs whose messages RabbitMQ no longer has");
             // Not through the outbox: a failed publish leaves the shortfall, found again at the next looks.
-            let published = tokio::time::timeout_at(lead.until, outbox::publish_all(&self.publisher, lost)).await;
+            let published =
+                tokio::time::timeout_at(lead.until, outbox::publish_all(self.outbox.publisher(), lost)).await;
             if published.is_err() {
                 tracing::warn!(%queue, "leadership may have lapsed while republishing; the next leader looks again");
             }
@@ -305,18 +306,10 @@ impl Reconciler {
 
     /// Publishes jobs the pass moved or found, while the leadership can still
     /// be ours: past that, they stay in the outbox for the next leader's sweep.
-    /// Recording the confirms may fail without ending the pass: unrecorded jobs
-    /// stay in the outbox and a later pass publishes them again.
-    async fn publish(&self, jobs: Vec<jobs::Enqueued>, lead: &Lead) {
+    async fn publish(&self, jobs: Vec<Enqueued>, lead: &Lead) {
         let count = jobs.len();
-        match tokio::time::timeout_at(lead.until, outbox::publish(&self.publisher, &self.pool, jobs)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not record publishes; the outbox sweep will publish them again")
-            }
-            Err(_) => {
-                tracing::warn!(count, "leadership may have lapsed while publishing; the outbox keeps the rest")
-            }
+        if tokio::time::timeout_at(lead.until, self.outbox.publish(jobs)).await.is_err() {
+            tracing::warn!(count, "leadership may have lapsed while publishing; the outbox keeps the rest");
         }
     }
 }

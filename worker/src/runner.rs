@@ -4,7 +4,7 @@
 //! never hands this process more than it can start soon.
 //!
 //! A message is acknowledged as soon as its claim is committed in Postgres
-//! (SPEC §3), not when the job ends: from then on the job's lease keeps it, so
+//! (README, "Workers"), not when the job ends: from then on the job's lease keeps it, so
 //! a job may run longer than RabbitMQ's consumer timeout. Running jobs need
 //! only Postgres, so they carry on while the worker reconnects to RabbitMQ.
 //!
@@ -15,12 +15,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use shared::config::Settings;
-use shared::db::{CANCEL_CHANNEL, workers};
-use shared::queue::{Consumer, Held, Publisher, Subscription};
+use shared::db::{CANCEL_CHANNEL, notify, workers};
+use shared::outbox::Outbox;
+use shared::queue::{Consumer, Held, Publisher, QueueError, Subscription};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +39,16 @@ impl WorkerConfig {
     pub fn from_settings(settings: &Settings) -> Self {
         Self { queues: settings.worker.queues.clone(), concurrency: settings.worker.concurrency }
     }
+}
+
+/// How a connection to RabbitMQ ended.
+enum Ended {
+    Shutdown,
+    /// It failed; `consumed` when it had been consuming (the backoff starts over).
+    Broken {
+        consumed: bool,
+        error: anyhow::Error,
+    },
 }
 
 /// Waits between reconnection attempts to RabbitMQ: doubling from the first
@@ -72,21 +81,26 @@ impl Worker {
     /// closes its channel so that prefetched messages go back to their queues.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let name = format!("conveyor-worker-{}", self.id);
+        // Everything that runs beside the jobs: the claim, outcome and confirm
+        // batchers, the heartbeat, the cancel listener and the reconciler.
+        // They stop after the jobs are drained (running jobs need their leases
+        // renewed and their outcomes written until the very end), and waiting
+        // for them flushes what the batchers still hold.
+        let background = TaskTracker::new();
+        let background_stop = CancellationToken::new();
         let publisher = Publisher::new(&self.settings.amqp, self.settings.queues.keys().cloned().collect(), &name);
+        let outbox = Outbox::new(publisher, self.pool.clone(), &background);
         let executor = Arc::new(Executor::new(
             self.id,
             self.pool.clone(),
-            publisher.clone(),
+            outbox.clone(),
             self.settings.jobs.clone(),
             self.settings.worker.lease_seconds,
+            &background,
         ));
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));
         let held = Held::new(&self.config.queues);
         let jobs = TaskTracker::new();
-        // Background loops stop after the jobs are drained: running jobs need
-        // their leases renewed until the very end.
-        let background_stop = CancellationToken::new();
-        let background = TaskTracker::new();
         background.spawn(heartbeat(
             self.id,
             self.pool.clone(),
@@ -97,23 +111,34 @@ impl Worker {
             background_stop.clone(),
         ));
         background.spawn(listen_for_cancels(self.pool.clone(), executor.clone(), background_stop.clone()));
-        let reconciler = Reconciler::new(self.id, self.pool.clone(), publisher, &self.settings);
+        let reconciler = Reconciler::new(self.id, self.pool.clone(), outbox, &self.settings);
         background.spawn(reconciler.run(shutdown.child_token()));
         tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
 
         let mut backoff = RECONNECT_BACKOFF.0;
         while !shutdown.is_cancelled() {
-            match self.consume(&name, &executor, &slots, &held, &jobs, &shutdown).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(worker.id = %self.id, error = %format!("{e:#}"), retry_in = ?backoff, "lost RabbitMQ; reconnecting");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(RECONNECT_BACKOFF.1);
+            let error = match self.consume(&name, &executor, &slots, &held, &jobs, &shutdown).await {
+                Ended::Shutdown => break,
+                Ended::Broken { consumed: true, error } => {
+                    // It worked until now: the next try is a fresh start.
+                    backoff = RECONNECT_BACKOFF.0;
+                    error
+                }
+                Ended::Broken { consumed: false, error } => error,
+            };
+            match error.downcast_ref::<QueueError>() {
+                Some(incompatible @ QueueError::Incompatible { .. }) => {
+                    tracing::error!(worker.id = %self.id, error = %incompatible, retry_in = ?backoff, "cannot consume")
+                }
+                _ => {
+                    tracing::warn!(worker.id = %self.id, error = %format!("{error:#}"), retry_in = ?backoff, "lost RabbitMQ; reconnecting")
                 }
             }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF.1);
         }
 
         tracing::info!(worker.id = %self.id, in_flight = executor.in_flight(), "worker stopping; waiting for running jobs");
@@ -125,6 +150,8 @@ impl Worker {
             jobs.wait().await;
         }
         background_stop.cancel();
+        // The batchers end once nothing can send to them any more.
+        drop(executor);
         background.close();
         background.wait().await;
         if let Err(e) = workers::deregister(&self.pool, self.id).await {
@@ -134,9 +161,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Connects and consumes until `shutdown` (Ok) or until the connection or
-    /// a consumer fails (Err). Deliveries are handed to `jobs`, which outlive
-    /// this connection.
+    /// Connects and consumes until `shutdown` or until the connection or a
+    /// consumer fails. Deliveries are handed to `jobs`, which outlive this
+    /// connection.
     async fn consume(
         &self,
         name: &str,
@@ -145,11 +172,12 @@ impl Worker {
         held: &Held,
         jobs: &TaskTracker,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
-        let mut subscription =
-            Subscription::open(&self.settings.amqp, &self.config.queues, self.config.concurrency, name, held)
-                .await
-                .context("Failed to start consuming")?;
+    ) -> Ended {
+        let opened = Subscription::open(&self.settings.amqp, &self.config.queues, self.config.concurrency, name, held);
+        let mut subscription = match opened.await {
+            Ok(subscription) => subscription,
+            Err(e) => return Ended::Broken { consumed: false, error: anyhow::Error::new(e) },
+        };
         tracing::info!(worker.id = %self.id, "consuming");
         // Stops this connection's consumers, and the deliveries of it still
         // waiting for a slot: on shutdown, or when the connection breaks (its
@@ -176,7 +204,11 @@ impl Worker {
         // Returns unsettled (prefetched, unclaimed) messages to their queues at once.
         subscription.close().await;
         loops.wait().await;
-        if failed { anyhow::bail!("a consumer stopped") } else { Ok(()) }
+        if failed {
+            Ended::Broken { consumed: true, error: anyhow::anyhow!("a consumer stopped") }
+        } else {
+            Ended::Shutdown
+        }
     }
 }
 
@@ -267,19 +299,14 @@ async fn heartbeat(
 async fn listen_for_cancels(pool: PgPool, executor: Arc<Executor>, stop: CancellationToken) {
     loop {
         let listening = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(CANCEL_CHANNEL).await?;
-            loop {
-                let notification = listener.recv().await?;
-                match notification.payload().parse::<Uuid>() {
+            let mut listener = notify::listen(&pool, CANCEL_CHANNEL).await?;
+            while let Some(payload) = listener.recv().await? {
+                match payload.parse::<Uuid>() {
                     Ok(id) => executor.cancel(id),
-                    Err(_) => {
-                        tracing::debug!(payload = notification.payload(), "ignoring a malformed cancel notification")
-                    }
+                    Err(_) => tracing::debug!(%payload, "ignoring a malformed cancel notification"),
                 }
             }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
+            Ok::<(), shared::db::Error>(())
         };
         tokio::select! {
             () = stop.cancelled() => return,

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 
 use actix_web::{HttpResponse, web};
 use serde::Serialize;
-use shared::db::workers;
+use shared::db::{queues, workers};
 
-use crate::auth::{Caller, Scope};
+use crate::auth::{Admin, Authorized};
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Serialize)]
 struct QueueView {
@@ -24,36 +24,28 @@ struct QueueView {
 }
 
 /// `GET /v1/queues`: per configured queue, its RabbitMQ depth and consumers and its jobs by status.
-pub async fn queues(caller: Caller, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    caller.require(Scope::Admin)?;
-    // One pass over the table for all queues. Fine for an operator's view; a
-    // dashboard polling it on a huge table would want maintained counters.
-    let counts: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT queue, status, count(*) FROM jobs GROUP BY queue, status")
-            .fetch_all(&state.pool)
-            .await?;
+pub async fn queues(_: Authorized<Admin>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut counts = queues::job_counts(&state.pool).await?;
     let mut views = Vec::with_capacity(state.settings.queues.len());
     for (name, queue) in &state.settings.queues {
         let stats = state.publisher.queue_stats(name).await;
         if let Err(e) = &stats {
             tracing::warn!(queue = %name, error = %e, "could not read queue stats from RabbitMQ");
         }
-        let jobs = counts.iter().filter(|(q, _, _)| q == name).map(|(_, status, n)| (status.clone(), *n)).collect();
         views.push(QueueView {
             name: name.clone(),
             depth: stats.as_ref().ok().map(|s| s.0),
             consumers: stats.as_ref().ok().map(|s| s.1),
             max_depth: queue.max_depth,
             weight: queue.weight,
-            jobs,
+            jobs: counts.remove(name).unwrap_or_default(),
         });
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "queues": views })))
 }
 
 /// `GET /v1/workers`: workers that heartbeat within the last three intervals.
-pub async fn workers(caller: Caller, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    caller.require(Scope::Admin)?;
+pub async fn workers(_: Authorized<Admin>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let within = i32::try_from(state.settings.worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX);
     let live = workers::live(&state.pool, within).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "workers": live })))

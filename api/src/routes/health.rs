@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// How long a readiness probe waits for each dependency.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -17,7 +17,7 @@ pub async fn healthz() -> HttpResponse {
 
 /// 200 when Postgres and RabbitMQ both answer, else 503 naming which does not.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let postgres = tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await;
+    let postgres = tokio::time::timeout(PROBE_TIMEOUT, shared::db::ping(&state.pool)).await;
     let postgres = matches!(postgres, Ok(Ok(_)));
     let rabbitmq = tokio::time::timeout(PROBE_TIMEOUT, state.publisher.is_ready()).await.unwrap_or(false);
     let word = |up: bool| if up { "up" } else { "down" };

@@ -1,5 +1,5 @@
-//! The HTTP routes (SPEC §4) and what wraps them all: `X-Request-Id` and
-//! problem+json answers for unknown routes and methods.
+//! The HTTP routes and what wraps them all: `X-Request-Id` and problem+json
+//! answers for unknown routes and methods.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};

@@ -1,4 +1,4 @@
-//! Authentication, scopes and tenant isolation (SPEC §4).
+//! Authentication, scopes and tenant isolation.
 
 use std::time::Duration;
 
@@ -119,12 +119,9 @@ async fn a_revoked_key_is_refused_within_the_cache_ttl(_: PgPoolOptionsUnused, c
     }
 
     let prefix = api::auth::keys::prefix_of(&token).expect("prefix");
-    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE prefix = $1")
-        .bind(prefix)
-        .fetch_one(&app.pool)
-        .await
-        .expect("key row");
-    api::auth::keys::revoke(&app.pool, id).await.expect("revoked");
+    let keys = shared::db::api_keys::list(&app.pool).await.expect("keys");
+    let id = keys.iter().find(|key| key.prefix == prefix).expect("the key is listed").id;
+    shared::db::api_keys::revoke(&app.pool, id).await.expect("revoked");
     let revoked_at = std::time::Instant::now();
 
     let ttl = Duration::from_millis(app.settings.auth.key_cache_ttl_ms);
@@ -223,7 +220,7 @@ async fn another_tenants_job_is_not_found_anywhere(_: PgPoolOptionsUnused, conne
     };
     assert_eq!(listed(b).await, 0, "B's list does not show A's job");
     assert_eq!(listed(a).await, 1);
-    let status: String = sqlx::query_scalar("SELECT status FROM jobs").fetch_one(&app.pool).await.expect("row");
-    assert_eq!(status, "cancelled", "tenant B's requests changed nothing");
+    let statuses = shared::testing::db::statuses(&app.pool).await;
+    assert_eq!(statuses, [("cancelled".to_owned(), 1)].into(), "tenant B's requests changed nothing");
     app.stop().await;
 }

@@ -1,4 +1,4 @@
-//! `GET /v1/jobs/{id}` caching (SPEC §4): `ETag` and `If-None-Match`,
+//! `GET /v1/jobs/{id}` caching: `ETag` and `If-None-Match`,
 //! `Cache-Control` by state, and the API's memory of ended jobs, which must
 //! never outlive a requeue or a prune made anywhere.
 
@@ -9,6 +9,7 @@ use reqwest::{Response, StatusCode, header};
 use serde_json::json;
 use shared::db::jobs;
 use shared::job::{Job, JobStatus};
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
 
@@ -113,8 +114,8 @@ async fn requeue_prune_and_truncate_elsewhere_reach_every_api(_: PgPoolOptionsUn
     // A requeue made outside this API (another replica, the CLI): only
     // Postgres' notification can tell the API.
     let requeued = ended_job_in_memory(&app).await;
-    let moved = jobs::requeue(&app.pool, None, &[requeued.id]).await.expect("requeue");
-    assert_eq!(moved.len(), 1);
+    let moved = jobs::requeue_one(&app.pool, "default", requeued.id).await.expect("requeue");
+    assert!(moved.is_some());
     let seen = wait_until(BOUND, || async { app.get_job(requeued.id).await.status == JobStatus::Queued }).await;
     assert!(seen, "the requeued job is not served as cancelled from memory");
 
@@ -126,7 +127,7 @@ async fn requeue_prune_and_truncate_elsewhere_reach_every_api(_: PgPoolOptionsUn
     assert!(gone, "a pruned job is not served from memory");
 
     let truncated = ended_job_in_memory(&app).await;
-    sqlx::query("TRUNCATE jobs").execute(&app.pool).await.expect("truncate");
+    db::truncate_jobs(&app.pool).await;
     let gone = wait_until(BOUND, || async { get(&app, truncated.id, None).await.status() == 404 }).await;
     assert!(gone, "nor is one truncated away by hand");
     app.stop().await;
@@ -153,17 +154,11 @@ async fn memory_is_dropped_while_its_listen_connection_is_lost(_: PgPoolOptionsU
     // A change whose notification is lost: the trigger is off, and the
     // listening connection is cut. The API must not trust its memory after
     // losing the connection, since it cannot know what it missed.
-    sqlx::query("ALTER TABLE jobs DISABLE TRIGGER jobs_ended_updated").execute(&app.pool).await.expect("alter");
-    jobs::requeue(&app.pool, None, &[job.id]).await.expect("requeue");
+    db::disable_ended_trigger(&app.pool).await;
+    jobs::requeue_one(&app.pool, "default", job.id).await.expect("requeue");
     assert!(from_memory(&get(&app, job.id, None).await), "nothing told the API yet");
-    let cut: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query ILIKE 'LISTEN%conveyor_ended_changed%'",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .expect("terminate the listener");
-    assert_eq!(cut, [true], "one listening connection");
+    let cut = db::cut_listeners(&app.pool, shared::db::ENDED_CHANGED_CHANNEL).await;
+    assert_eq!(cut, 1, "one listening connection");
 
     let seen = wait_until(BOUND, || async { app.get_job(job.id).await.status == JobStatus::Queued }).await;
     assert!(seen, "the cache was emptied when its connection was lost");

@@ -14,13 +14,7 @@ use crate::submit::PgPoolOptionsUnused;
 /// Runs `api <args>` configured like the test app.
 async fn api(app: &TestApp, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"));
-    command
-        .args(args)
-        .env_clear()
-        .env("DATABASE_URL", &app.settings.database.url)
-        .env("AMQP_URL", &app.settings.amqp.url)
-        .env("CONVEYOR__AMQP__NAMESPACE", &app.settings.amqp.namespace)
-        .env("CONVEYOR__QUEUES__CRITICAL__WEIGHT", "2");
+    command.args(args).env_clear().envs(shared::testing::child_env(&app.settings));
     tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
         .expect("the CLI finishes")
@@ -205,12 +199,7 @@ async fn jobs_are_listed_shown_and_pruned_from_the_cli(_: PgPoolOptionsUnused, c
 
     // Nothing finished a day ago; age the finished job, then prune.
     assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d"]).await), "deleted 0 jobs\n");
-    sqlx::query("UPDATE jobs SET finished_at = now() - interval '2 days', id = $2 WHERE id = $1")
-        .bind(echo.id)
-        .bind(shared::job::first_id_at(chrono::Utc::now() - chrono::Duration::days(3)))
-        .execute(&app.pool)
-        .await
-        .expect("aged");
+    shared::testing::db::backdate(&app.pool, echo.id, 2).await;
     assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d", "--dry-run"]).await), "would delete 1 job\n");
     assert_eq!(app.job_count().await, 2);
     assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d", "--status", "failed"]).await), "deleted 0 jobs\n");

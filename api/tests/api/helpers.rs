@@ -164,16 +164,12 @@ impl TestApp {
 
     /// Rows in `jobs`, to show that a refused request wrote nothing.
     pub async fn job_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.pool).await.expect("count jobs")
+        shared::testing::db::count(&self.pool, None, None).await
     }
 
     /// Jobs in `status`.
     pub async fn count_in(&self, status: JobStatus) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1")
-            .bind(status.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .expect("count jobs")
+        shared::testing::db::count(&self.pool, Some(status), None).await
     }
 }
 

@@ -11,7 +11,6 @@ mod errors;
 mod helpers;
 mod kinds;
 mod list;
-mod migrate;
 mod pipeline;
 mod reliability;
 mod submit;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use shared::job::JobStatus;
 use shared::queue::Message;
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::{spawn_app, spawn_app_with, wait_until};
@@ -44,23 +45,15 @@ async fn a_thousand_jobs_through_four_workers_each_run_exactly_once(_: PgPoolOpt
         wait_until(Duration::from_secs(120), || async { app.count_in(JobStatus::Succeeded).await == submitted }).await;
     assert!(all_done, "only {} of {submitted} succeeded", app.count_in(JobStatus::Succeeded).await);
     // Each ran once: one claim each (attempt 1), by one of the four workers.
-    let (attempts, workers): (Vec<i32>, i64) = (
-        sqlx::query_scalar("SELECT DISTINCT attempt FROM jobs").fetch_all(&app.pool).await.expect("query"),
-        sqlx::query_scalar("SELECT count(DISTINCT lease_owner) FROM jobs").fetch_one(&app.pool).await.expect("query"),
-    );
-    assert_eq!(attempts, [1]);
-    assert_eq!(workers, 0, "finished jobs hold no lease");
+    assert_eq!(db::attempts(&app.pool, None).await.into_keys().collect::<Vec<_>>(), [1]);
+    assert_eq!(db::lease_holders(&app.pool).await, 0, "finished jobs hold no lease");
     assert_eq!(app.amqp.depth("default").await, 0, "every message consumed");
     // Every confirm was recorded: nothing is left for the outbox sweep to republish.
-    let recorded = wait_until(Duration::from_secs(5), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count") == 0
-    })
-    .await;
+    let recorded = wait_until(Duration::from_secs(5), || async { db::outbox_len(&app.pool, None).await == 0 }).await;
     assert!(recorded, "the outbox kept rows of published jobs");
     // Four workers, four reconcilers, one active: the leadership is held, by one of them.
     let leader = shared::db::leadership::current(&app.pool, shared::db::leadership::RECONCILER).await.expect("query");
-    let workers: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM workers").fetch_all(&app.pool).await.expect("query");
+    let workers = db::worker_ids(&app.pool).await;
     assert!(
         leader.is_some_and(|(term, live)| live && workers.contains(&term.holder)),
         "exactly one reconciler is active: {leader:?} among {workers:?}"

@@ -1,15 +1,14 @@
-//! SPEC §3's guarantees, shown by breaking things: retries, schedules,
-//! cancellation, a lost publish, a zombie worker, and connections cut to
-//! RabbitMQ and Postgres mid-stream.
+//! The failure contract, shown by breaking things: retries, schedules,
+//! cancellation, a lost publish, and connections cut to RabbitMQ and
+//! Postgres mid-stream. (The storage layer's own fences, a zombie worker's
+//! writes among them, are shown in `shared/tests/db`.)
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shared::config::Settings;
-use shared::db::jobs::{self, Enqueued, Lease, Outcome};
 use shared::job::{FailureKind, Job, JobStatus};
-use shared::testing::Proxy;
+use shared::testing::{Proxy, db};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::{TestApp, spawn_app_with, wait_until};
@@ -188,19 +187,14 @@ async fn a_job_whose_publish_failed_is_published_by_the_reconciler(_: PgPoolOpti
     let started = Instant::now();
     let job = app.submit_ok(&json!({"type": "echo", "payload": {"n": 1}})).await;
     assert!(started.elapsed() < Duration::from_secs(3), "the submission was not held up: {:?}", started.elapsed());
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE job_id = $1")
-        .bind(job.id)
-        .fetch_one(&app.pool)
-        .await
-        .expect("committed");
-    assert_eq!(pending, 1, "the publish failed, so the job is in the outbox");
+    assert_eq!(db::outbox_len(&app.pool, Some(job.id)).await, 1, "the publish failed, so the job is in the outbox");
 
     app.spawn_worker_with(direct_to_broker(&app), &["default"], 1);
     let done = app.wait_terminal(job.id).await;
     assert_eq!((done.status, done.attempt), (JobStatus::Succeeded, 1));
     assert_eq!(done.result, Some(json!({"n": 1})));
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count");
-    assert_eq!(pending, 0, "the outbox is empty once the job is published");
+    let emptied = wait_until(Duration::from_secs(5), || async { db::outbox_len(&app.pool, None).await == 0 }).await;
+    assert!(emptied, "the outbox is empty once the job is published");
     app.stop().await;
 }
 
@@ -217,11 +211,7 @@ async fn a_job_cancelled_before_its_publish_was_confirmed_is_not_published(
     // A worker on another queue: its reconciler sweeps the outbox, and nothing
     // consumes `default`, so a wrongly published message would stay there.
     app.spawn_worker_with(direct_to_broker(&app), &["critical"], 1);
-    let swept = wait_until(Duration::from_secs(10), || async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&app.pool).await.expect("count");
-        pending == 0
-    })
-    .await;
+    let swept = wait_until(Duration::from_secs(10), || async { db::outbox_len(&app.pool, None).await == 0 }).await;
     assert!(swept, "the cancelled job's outbox row is dropped");
     // Let the API reach RabbitMQ again, so that it declares `default`.
     proxy.restore();
@@ -232,133 +222,6 @@ async fn a_job_cancelled_before_its_publish_was_confirmed_is_not_published(
     assert!(ready);
     assert_eq!(app.amqp.depth("default").await, 0, "and its message never published");
     assert_eq!(app.get_job(job.id).await.status, JobStatus::Cancelled);
-    app.stop().await;
-}
-
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_late_confirm_of_an_earlier_stint_leaves_the_job_in_the_outbox(pool: sqlx::PgPool) {
-    let job = jobs::insert(&pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert");
-    let first = Enqueued::from(&job);
-    // Queued again before the first stint's confirm is recorded.
-    assert!(matches!(jobs::cancel(&pool, "default", job.id).await.expect("cancel"), jobs::Cancel::Cancelled(_)));
-    let second = jobs::requeue(&pool, None, &[job.id]).await.expect("requeue");
-    assert_eq!(second.len(), 1);
-    let in_outbox = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE job_id = $1")
-            .bind(job.id)
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-    };
-
-    jobs::mark_published(&pool, &[first.outbox_row()]).await.expect("record");
-    assert_eq!(in_outbox().await, 1, "the requeued stint's message is not confirmed yet");
-    jobs::mark_published(&pool, &[second[0].outbox_row()]).await.expect("record");
-    assert_eq!(in_outbox().await, 0);
-}
-
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_job_postgres_refuses_fails_alone_not_its_whole_batch(pool: sqlx::PgPool) {
-    // Validation keeps such values out of the API; this is the safety net under it.
-    let good = shared::testing::new_job("echo", json!({"n": 1}));
-    let refused = shared::testing::new_job("echo", json!({"s": "x\u{0}y"}));
-    let also_good = shared::testing::new_job("echo", json!({"n": 2}));
-    let each = jobs::insert_each_if_refused(&pool, &[good.clone(), refused, also_good.clone()]).await.expect("batch");
-    let ok: Vec<bool> = each.iter().map(Result::is_ok).collect();
-    assert_eq!(ok, [true, false, true]);
-    let stored: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM jobs ORDER BY id").fetch_all(&pool).await.expect("query");
-    assert_eq!(stored, [good.id, also_good.id]);
-}
-
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_job_whose_cancel_was_requested_is_never_retried(pool: sqlx::PgPool) {
-    let pool = &pool;
-    let worker = uuid::Uuid::now_v7();
-    let running = || async {
-        let job = jobs::insert(pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert");
-        let claimed = jobs::claim(pool, job.id, worker, 30).await.expect("claim").expect("queued");
-        assert!(matches!(jobs::cancel(pool, "default", job.id).await.expect("cancel"), jobs::Cancel::Requested(_)));
-        claimed
-    };
-    let status_of = |id| async move { jobs::status(pool, id).await.expect("status").expect("exists") };
-
-    // Its handler failed retryably instead of stopping.
-    let failed = running().await;
-    let error =
-        shared::job::JobFailure { message: "boom".to_owned(), kind: FailureKind::Retryable, attempt: failed.attempt };
-    let outcome = Outcome::Retrying { error, retry_at: chrono::Utc::now() };
-    let lease = Lease { id: failed.id, token: failed.lease_token };
-    assert!(jobs::finish(pool, lease, &outcome).await.expect("finish"));
-    assert_eq!(status_of(failed.id).await, JobStatus::Cancelled);
-
-    // Its worker was lost.
-    let lost = running().await;
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
-        .bind(lost.id)
-        .execute(pool)
-        .await
-        .expect("expire the lease");
-    let leader = shared::testing::lead(pool).await;
-    assert_eq!(jobs::rescue_expired(pool, leader, 10).await.expect("rescue"), 1);
-    assert_eq!(status_of(lost.id).await, JobStatus::Cancelled);
-}
-
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn each_outbox_sweep_reads_a_bounded_batch_oldest_first(pool: sqlx::PgPool) {
-    // Oldest first: two cancelled jobs, then one still queued, all unconfirmed.
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        let job = jobs::insert(&pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert");
-        ids.push(job.id);
-    }
-    for id in &ids[..2] {
-        assert!(matches!(jobs::cancel(&pool, "default", *id).await.expect("cancel"), jobs::Cancel::Cancelled(_)));
-    }
-    let pending =
-        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&pool).await.expect("count") };
-
-    let leader = shared::testing::lead(&pool).await;
-    let first = jobs::unpublished(&pool, leader, 0, 2).await.expect("sweep");
-    assert!(first.is_empty(), "the two oldest rows are of cancelled jobs: {first:?}");
-    assert_eq!(pending().await, 1, "and only those two were dropped");
-    let second = jobs::unpublished(&pool, leader, 0, 2).await.expect("sweep");
-    assert_eq!(second.iter().map(|job| job.id).collect::<Vec<_>>(), [ids[2]], "the queued one comes next");
-    assert_eq!(pending().await, 1, "kept until its publish is confirmed");
-}
-
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_zombie_workers_late_writes_are_rejected(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let app = spawn_app_with(connect, |_| {}).await;
-    let job = app.submit_ok(&json!({"type": "echo", "payload": {"v": 1}})).await;
-    let (zombie_worker, live_worker) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-
-    // Worker Z claims the job, then goes silent: its lease expires and the job is rescued.
-    let z = jobs::claim(&app.pool, job.id, zombie_worker, 30).await.expect("claim").expect("claimed");
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
-        .bind(job.id)
-        .execute(&app.pool)
-        .await
-        .expect("expire");
-    let leader = shared::testing::lead(&app.pool).await;
-    assert_eq!(jobs::rescue_expired(&app.pool, leader, 10).await.expect("rescue"), 1);
-    assert_eq!(jobs::queue_due(&app.pool, leader, 10).await.expect("due").len(), 1);
-    // Worker L claims it again and finishes it.
-    let l = jobs::claim(&app.pool, job.id, live_worker, 30).await.expect("claim").expect("claimed");
-    assert_eq!((z.attempt, l.attempt), (1, 2), "the lost attempt counts");
-    let zombie = Lease { id: job.id, token: z.lease_token };
-    let live = Lease { id: job.id, token: l.lease_token };
-
-    // Z wakes up: nothing it writes lands, before or after L's outcome.
-    assert!(!jobs::set_progress(&app.pool, zombie, 50).await.expect("query"));
-    assert!(!jobs::finish(&app.pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
-    assert!(jobs::renew(&app.pool, &[zombie], 30).await.expect("query").is_empty(), "Z learns its lease is gone");
-    assert!(jobs::finish(&app.pool, live, &Outcome::Succeeded(json!("live"))).await.expect("query"));
-    assert!(!jobs::finish(&app.pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
-    assert!(jobs::release(&app.pool, zombie).await.expect("query").is_none());
-
-    let done = app.get_job(job.id).await;
-    assert_eq!((done.status, done.attempt, done.result), (JobStatus::Succeeded, 2, Some(json!("live"))));
     app.stop().await;
 }
 
@@ -404,12 +267,9 @@ async fn jobs_survive_the_broker_connection_being_cut_mid_stream(_: PgPoolOption
     let all_done =
         wait_until(Duration::from_secs(60), || async { app.count_in(JobStatus::Succeeded).await == ids.len() as i64 })
             .await;
-    let statuses: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status").fetch_all(&app.pool).await.expect("query");
-    assert!(all_done, "not every job succeeded: {statuses:?}");
-    let attempts: HashSet<i32> =
-        sqlx::query_scalar("SELECT attempt FROM jobs").fetch_all(&app.pool).await.expect("query").into_iter().collect();
-    assert_eq!(attempts, HashSet::from([1]), "each job ran to completion exactly once");
+    assert!(all_done, "not every job succeeded: {:?}", db::statuses(&app.pool).await);
+    let attempts: Vec<i32> = db::attempts(&app.pool, None).await.into_keys().collect();
+    assert_eq!(attempts, [1], "each job ran to completion exactly once");
     app.stop().await;
 }
 
@@ -473,12 +333,7 @@ async fn workers_carry_on_after_postgres_comes_back(_: PgPoolOptionsUnused, conn
     let all_done =
         wait_until(Duration::from_secs(60), || async { app.count_in(JobStatus::Succeeded).await == ids.len() as i64 })
             .await;
-    let statuses: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT status, attempt, count(*) FROM jobs GROUP BY status, attempt")
-            .fetch_all(&app.pool)
-            .await
-            .expect("query");
-    assert!(all_done, "not every job succeeded: {statuses:?}");
+    assert!(all_done, "not every job succeeded: {:?}", db::statuses(&app.pool).await);
     app.stop().await;
     worker_pool.close().await;
 }
@@ -492,12 +347,8 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
         .arg("serve")
         .env_clear()
-        .env("DATABASE_URL", &app.settings.database.url)
-        .env("AMQP_URL", &app.settings.amqp.url)
-        .env("CONVEYOR__AMQP__NAMESPACE", &app.settings.amqp.namespace)
+        .envs(shared::testing::child_env(&app.settings))
         .env("CONVEYOR__HTTP__PORT", port.to_string())
-        .env("CONVEYOR__DATABASE__MIGRATE_ON_START", "false")
-        .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
         .expect("api serve starts");
@@ -506,22 +357,29 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
         wait_until(Duration::from_secs(20), || async { tokio::net::TcpStream::connect(&address).await.is_ok() }).await;
     assert!(up, "the server did not start listening");
 
-    // A submission whose body is still on its way when SIGTERM arrives.
+    // A submission in flight when SIGTERM arrives: its head is sent and the
+    // server has taken it up (it answered `100 Continue`), its body not yet.
     let body = br#"{"type": "noop"}"#;
     let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connect");
     let head = format!(
         "POST /v1/jobs HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n",
         app.token,
         body.len()
     );
     stream.write_all(head.as_bytes()).await.expect("head");
-    stream.write_all(&body[..5]).await.expect("part of the body");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).await.expect("an interim answer");
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     let pid = server.id().expect("running").to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stream.write_all(&body[5..]).await.expect("rest of the body");
+    // Once the server refuses new connections it is shutting down: only then
+    // does the rest of the in-flight request arrive.
+    let stopping =
+        wait_until(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(&address).await.is_err() }).await;
+    assert!(stopping, "the server kept accepting connections after SIGTERM");
+    stream.write_all(body).await.expect("the body");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.expect("an answer");
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
@@ -529,7 +387,5 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
     let exit = tokio::time::timeout(Duration::from_secs(35), server.wait()).await.expect("it exits").expect("status");
     assert!(exit.success(), "{exit:?}");
     assert_eq!(app.job_count().await, 1);
-    // New connections are refused once it has stopped.
-    assert!(tokio::net::TcpStream::connect(&address).await.is_err());
     app.stop().await;
 }

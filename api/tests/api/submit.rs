@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use shared::job::JobStatus;
 use shared::queue::Message;
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::{spawn_app, wait_until};
@@ -25,23 +26,11 @@ async fn a_submitted_job_is_committed_and_published_before_202(_: PgPoolOptionsU
     assert_eq!((job.priority, job.attempt, job.max_attempts, job.timeout_seconds), (0, 0, 5, 300));
     // Durable at 202: the row is committed and the message is already in
     // RabbitMQ (confirmed; no worker is running to take it).
-    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = $1")
-        .bind(job.id)
-        .fetch_one(&app.pool)
-        .await
-        .expect("query");
-    assert_eq!(committed, 1);
+    assert_eq!(db::count(&app.pool, None, Some(&[job.id])).await, 1);
     assert_eq!(app.amqp.depth("default").await, 1);
     // The confirm is then recorded (in a batch), taking the job out of the outbox.
-    let recorded = wait_until(Duration::from_secs(5), || async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE job_id = $1")
-            .bind(job.id)
-            .fetch_one(&app.pool)
-            .await
-            .expect("query");
-        pending == 0
-    })
-    .await;
+    let recorded =
+        wait_until(Duration::from_secs(5), || async { db::outbox_len(&app.pool, Some(job.id)).await == 0 }).await;
     assert!(recorded, "the confirmed publish was never recorded");
     assert_eq!(app.get_job(job.id).await, job);
     app.stop().await;
@@ -137,9 +126,7 @@ async fn higher_priority_jobs_run_first_within_a_queue(_: PgPoolOptionsUnused, c
     app.spawn_worker(&["default"], 1);
     assert!(wait_until(Duration::from_secs(30), || async { app.count_in(JobStatus::Succeeded).await == 6 }).await);
 
-    let started: Vec<i16> =
-        sqlx::query_scalar("SELECT priority FROM jobs ORDER BY started_at").fetch_all(&app.pool).await.expect("query");
-    assert_eq!(started, [9, 9, 5, 3, 1, 0]);
+    assert_eq!(db::priorities_by_start(&app.pool).await, [9, 9, 5, 3, 1, 0]);
     app.stop().await;
 }
 

@@ -1,6 +1,18 @@
-//! Postgres access: the pool, the migrations, every query on the jobs table
-//! ([`jobs`]), on the workers table ([`workers`]) and on the reconciler's
-//! leadership ([`leadership`]).
+//! The storage layer: every SQL statement of Conveyor lives in this module,
+//! one submodule per table or concern, each statement written whole and
+//! checked against the schema at compile time (`sqlx::query!`, with the
+//! offline data in `.sqlx/`). Callers get domain types ([`crate::job`]) and
+//! one error type, [`Error`].
+//!
+//! - [`jobs`]: the job lifecycle: insert, claim, renew, finish, cancel, requeue, list, prune.
+//! - [`outbox`]: publishes waiting for RabbitMQ's confirm, and the sweep of those that never got one.
+//! - [`api_keys`]: API keys, stored as hashes.
+//! - [`workers`]: worker registration, heartbeats and what they hold.
+//! - [`leadership`]: the reconciler's leadership and its fencing term.
+//! - [`notify`]: `LISTEN` for cancel requests and changes to ended jobs.
+//! - [`queues`]: counts across queues for operators.
+
+use std::sync::Arc;
 
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -8,8 +20,13 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::DatabaseSettings;
 
+pub mod api_keys;
 pub mod jobs;
 pub mod leadership;
+pub mod notify;
+pub mod outbox;
+pub mod queues;
+mod types;
 pub mod workers;
 
 /// The `NOTIFY` channel on which the API announces that a running job was
@@ -20,18 +37,84 @@ pub const CANCEL_CHANNEL: &str = "conveyor_cancel";
 /// ended job changed or was deleted: a requeue or a prune. No payload.
 pub const ENDED_CHANGED_CHANNEL: &str = "conveyor_ended_changed";
 
-/// Whether `e` means Postgres could not be reached (answered 503 by the API,
-/// retried by workers), as opposed to a statement it refused.
-pub fn unavailable(e: &sqlx::Error) -> bool {
-    // Listed in full so a new variant is a conscious choice, not a silent 500.
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => {
-            // Class 08: connection exception; 57P01-03: admin shutdown, crash, cannot connect now.
-            db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
-        }
-        _ => false,
+/// A failed call to Postgres. Cloneable, so that one failed statement can
+/// answer every request batched into it; the cause is kept, never flattened
+/// into a string.
+#[derive(Debug, Clone)]
+pub enum Error {
+    /// Postgres cannot be reached, or no pooled connection came free in time:
+    /// worth retrying shortly (the API answers 503, workers hand messages back).
+    Unavailable(Arc<sqlx::Error>),
+    /// Postgres refused the statement: a constraint, a value it cannot store.
+    Refused(Arc<sqlx::Error>),
+    /// Anything else: a statement that no longer fits the schema, a row that
+    /// does not decode, a batching task that stopped. A bug, not a condition.
+    Other(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+/// The result of a database call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether retrying later may succeed (the API's 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
+
+    fn cause(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Self::Unavailable(e) | Self::Refused(e) => &**e,
+            Self::Other(e) => &**e,
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self {
+            Self::Unavailable(_) => "Postgres is unavailable",
+            Self::Refused(_) => "Postgres refused the statement",
+            Self::Other(_) => "database call failed",
+        };
+        // The cause is part of the message (logs print `%e`); its own causes
+        // follow as this error's source.
+        write!(f, "{what}: {}", self.cause())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause().source()
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        // Listed in full so a new variant is a conscious choice, not a silent 500.
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                Self::Unavailable(Arc::new(e))
+            }
+            // Class 08: connection exception; 57P01-03: admin shutdown, crash, cannot connect now.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
+                Self::Unavailable(Arc::new(e))
+            }
+            sqlx::Error::Database(_) => Self::Refused(Arc::new(e)),
+            _ => Self::Other(Arc::new(e)),
+        }
+    }
+}
+
+impl From<crate::batch::BatchFailure> for Error {
+    fn from(failure: crate::batch::BatchFailure) -> Self {
+        Self::Other(Arc::new(failure))
+    }
+}
+
+/// Whether Postgres answers (readiness probes).
+pub async fn ping(db: &PgPool) -> Result<()> {
+    sqlx::query!("SELECT 1 AS one").fetch_one(db).await?;
+    Ok(())
 }
 
 /// The migrations in `migrations/`, compiled in so a binary can migrate alone.
@@ -44,7 +127,7 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         // Bounded waits: a request never queues for a connection longer than this,
-        // it gets a 503 instead (SPEC §4).
+        // it gets a 503 instead.
         .acquire_timeout(settings.acquire_timeout())
         // No ping per acquire: a broken connection fails the query that uses it,
         // which is answered like any other database error, and the round trip is saved.

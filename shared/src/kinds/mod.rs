@@ -1,4 +1,4 @@
-//! Job types (SPEC §5): each is a name, a payload type, an output type and a
+//! Job types: each is a name, a payload type, an output type and a
 //! handler. The API validates submissions with [`Kind::validate`]; the worker
 //! runs [`Kind::run`].
 //!

@@ -31,6 +31,14 @@ pub enum QueueError {
     Timeout(&'static str),
     #[error("the channel closed before the message was settled; RabbitMQ delivers it again")]
     ChannelClosed,
+    /// The queue exists with other arguments than Conveyor declares (say, made
+    /// by an older version without `x-queue-version` 2). Retrying cannot help.
+    #[error(
+        "RabbitMQ refused to declare queue {queue:?} ({detail}): it exists with other arguments; \
+         delete it (`rabbitmqctl delete_queue {queue}`, losing its messages, which the reconciler \
+         republishes) or apply a `queue-version` policy, then restart"
+    )]
+    Incompatible { queue: String, detail: String },
 }
 
 /// What a queue message says. Tagged and versioned by variant name, so a

@@ -50,7 +50,11 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Conne
 /// Declares the namespace's dead-letter exchange and queue, and one durable
 /// queue per name in `queues`. Idempotent; every process declares what it
 /// uses at start, so no start order is needed.
-pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator<Item = &str>) -> lapin::Result<()> {
+pub async fn declare(
+    channel: &Channel,
+    names: &Names,
+    queues: impl IntoIterator<Item = &str>,
+) -> Result<(), QueueError> {
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     channel
         .exchange_declare(names.dead_letter_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
@@ -68,14 +72,26 @@ pub async fn declare(channel: &Channel, names: &Names, queues: impl IntoIterator
         .await?;
     for queue in queues {
         let mut args = queue_version_2();
-        // Priorities 0–9 of SPEC §3; a classic queue with x-max-priority keeps one
+        // Priorities 0–9 (README, "Submitting"); a classic queue with x-max-priority keeps one
         // sub-queue per level, so fewer levels would be cheaper but lossy.
         args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY as u8));
         // A rejected (unparseable) message goes to `ns.dead`, never into the void.
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_letter_exchange().into()));
-        channel.queue_declare(names.queue(queue).into(), durable, args).await?;
+        let name = names.queue(queue);
+        channel.queue_declare(name.as_str().into(), durable, args).await.map_err(|e| incompatible(e, &name))?;
     }
     Ok(())
+}
+
+/// A declare refused with PRECONDITION_FAILED: the queue exists with other
+/// arguments, which retrying will not change. Anything else as it is.
+fn incompatible(e: lapin::Error, queue: &str) -> QueueError {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
+            QueueError::Incompatible { queue: queue.to_owned(), detail: amqp.get_message().to_string() }
+        }
+        _ => QueueError::Amqp(e),
+    }
 }
 
 /// Classic queues of the second storage version (RabbitMQ ≥ 3.10): a
@@ -89,21 +105,23 @@ fn queue_version_2() -> FieldTable {
     args
 }
 
-fn io_timeout(what: &str) -> lapin::Error {
-    lapin::Error::from(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out {what}")))
-}
-
 /// Why a publish did not get a positive confirm.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Broker(#[from] QueueError),
     #[error("RabbitMQ did not confirm within {0:?}")]
     Timeout(Duration),
     #[error("RabbitMQ refused the message (nack)")]
     Nacked,
     #[error("RabbitMQ has no queue {0:?} (was it declared?)")]
     Unroutable(String),
+}
+
+impl From<lapin::Error> for PublishError {
+    fn from(e: lapin::Error) -> Self {
+        Self::Broker(QueueError::Amqp(e))
+    }
 }
 
 /// Publishes job messages with publisher confirms over one shared channel,
@@ -141,12 +159,12 @@ impl Publisher {
         }
     }
 
-    async fn channel(&self) -> lapin::Result<Channel> {
+    async fn channel(&self) -> Result<Channel, QueueError> {
         Ok(self.link().await?.1)
     }
 
     /// The live connection and confirm-mode channel, (re)connecting if needed.
-    async fn link(&self) -> lapin::Result<(Arc<Connection>, Channel)> {
+    async fn link(&self) -> Result<(Arc<Connection>, Channel), QueueError> {
         let inner = &self.inner;
         let mut link = inner.link.lock().await;
         if let Some((connection, channel)) = link.as_ref()
@@ -161,7 +179,7 @@ impl Publisher {
         let timeout = inner.settings.confirm_timeout();
         let connection = tokio::time::timeout(timeout, connect(&inner.settings, &inner.connection_name))
             .await
-            .map_err(|_| io_timeout("connecting to RabbitMQ"))??;
+            .map_err(|_| QueueError::Timeout("connecting to RabbitMQ"))??;
         let connection = Arc::new(connection);
         let channel = connection.create_channel().await?;
         declare(&channel, &inner.names, inner.queues.iter().map(String::as_str)).await?;
@@ -204,7 +222,7 @@ impl Publisher {
 
     /// Ready messages and consumers of Conveyor queue `queue`, by a passive
     /// declare on a channel of its own (a failed passive declare closes its channel).
-    pub async fn queue_stats(&self, queue: &str) -> lapin::Result<(u32, u32)> {
+    pub async fn queue_stats(&self, queue: &str) -> Result<(u32, u32), QueueError> {
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await?;
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use shared::db::jobs;
 use shared::job::JobStatus;
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::{Harness, signal};
@@ -55,21 +56,14 @@ async fn a_frozen_leader_is_replaced_and_its_job_finishes_elsewhere(
         h.count(JobStatus::Succeeded, &[later]).await == 1
     })
     .await;
-    let row = async || -> (chrono::DateTime<chrono::Utc>, Option<serde_json::Value>) {
-        sqlx::query_as("SELECT updated_at, result FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_one(&h.pool)
-            .await
-            .expect("row")
-    };
-    let settled = row().await;
+    let settled = db::change_of(&h.pool, job).await;
 
     // A wakes up: it finds it no longer leads, and its late outcome is refused.
     let woke = logs.mark();
     signal(&frozen, "-CONT");
     logs.wait_for(Duration::from_secs(10), woke, "reconciler lost its leadership").await;
     logs.wait_for(Duration::from_secs(10), woke, "discarded").await;
-    assert_eq!(row().await, settled, "the job's row is as B left it");
+    assert_eq!(db::change_of(&h.pool, job).await, settled, "the job's row is as B left it");
     assert_eq!(h.leader().await.map(|t| t.holder), Some(b), "B still leads");
     let work = ["queued due jobs", "rescued jobs", "republishing"];
     let since = logs.messages_since(woke);
@@ -100,11 +94,7 @@ async fn messages_prefetched_by_a_frozen_worker_return_within_the_heartbeat_boun
     h.wait(Duration::from_secs(20), "A runs both", async || h.count(JobStatus::Running, &long).await == 2).await;
     let waiting = h.submit(2, "noop", json!({})).await;
     h.wait(Duration::from_secs(10), "A reports holding two messages", async || {
-        let held: Option<i64> = sqlx::query_scalar("SELECT (held ->> 'default')::int8 FROM workers")
-            .fetch_optional(&h.pool)
-            .await
-            .expect("query");
-        held == Some(2)
+        db::held(&h.pool, "default").await == [Some(2)]
     })
     .await;
     assert_eq!(h.amqp.depth("default").await, 0, "nothing left in the queue for anyone else");

@@ -2,25 +2,27 @@
 //! test, jobs submitted the way the API does, and real worker processes (or
 //! in-process workers) with settings that make failures show within seconds.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shared::config::Settings;
-use shared::db::jobs::{self, Enqueued};
+use shared::db::jobs;
 use shared::db::leadership::{self, RECONCILER, Term};
-use shared::job::JobStatus;
-use shared::outbox;
+use shared::job::{Enqueued, JobStatus};
+use shared::outbox::{self, Outbox};
 use shared::queue::Publisher;
-use shared::testing::{AmqpNamespace, settings};
+use shared::testing::{AmqpNamespace, child_env, db, settings};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
+use worker::reconciler::Reconciler;
 use worker::{Worker, WorkerConfig};
 
 pub struct Harness {
@@ -50,7 +52,8 @@ impl Harness {
         Self { settings, pool, publisher, amqp }
     }
 
-    /// Submits `n` jobs of `kind` the way the API does: commit, then publish with a confirm.
+    /// Submits `n` jobs of `kind` the way the API does: commit, then publish
+    /// with a confirm (and take them out of the outbox, as the API's recorder does).
     pub async fn submit(&self, n: usize, kind: &str, payload: Value) -> Vec<Uuid> {
         let mut published = Vec::new();
         for _ in 0..n {
@@ -59,17 +62,17 @@ impl Harness {
             published.push(Enqueued::from(&job));
         }
         let ids = published.iter().map(|j| j.id).collect();
-        let report = outbox::publish(&self.publisher, &self.pool, published).await.expect("publish");
+        let rows: Vec<_> = published.iter().map(Enqueued::outbox_row).collect();
+        let report = outbox::publish_all(&self.publisher, published).await;
         assert!(report.failed.is_empty(), "publish failed: {:?}", report.failed);
+        shared::db::outbox::confirmed(&self.pool, &rows).await.expect("record the confirms");
         ids
     }
 
     /// The real worker binary, configured like this harness, with a shutdown
     /// grace of `grace_seconds`.
     pub fn spawn_process(&self, concurrency: u16, grace_seconds: u64) -> Child {
-        let mut command = self.command(concurrency, grace_seconds);
-        command.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()));
-        command.spawn().expect("the worker binary starts")
+        self.command(concurrency, grace_seconds).spawn().expect("the worker binary starts")
     }
 
     /// The real worker binary, its JSON log lines (reconciler at debug) kept in [`Logs`].
@@ -96,20 +99,11 @@ impl Harness {
     }
 
     fn command(&self, concurrency: u16, grace_seconds: u64) -> Command {
-        let (worker, amqp) = (&self.settings.worker, &self.settings.amqp);
         let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
         command
             .args(["--queues", "default", "--concurrency", &concurrency.to_string()])
             .env_clear()
-            .env("DATABASE_URL", &self.settings.database.url)
-            .env("AMQP_URL", &amqp.url)
-            .env("CONVEYOR__AMQP__NAMESPACE", &amqp.namespace)
-            .env("CONVEYOR__AMQP__HEARTBEAT_SECONDS", amqp.heartbeat_seconds.to_string())
-            .env("CONVEYOR__WORKER__HEARTBEAT_SECONDS", worker.heartbeat_seconds.to_string())
-            .env("CONVEYOR__WORKER__LEASE_SECONDS", worker.lease_seconds.to_string())
-            .env("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", worker.reconcile_interval_ms.to_string())
-            .env("CONVEYOR__WORKER__LEADER_TTL_SECONDS", worker.leader_ttl_seconds.to_string())
-            .env("CONVEYOR__WORKER__OUTBOX_GRACE_SECONDS", worker.outbox_grace_seconds.to_string())
+            .envs(child_env(&self.settings))
             .env("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -128,13 +122,7 @@ impl Harness {
     }
 
     pub async fn count(&self, status: JobStatus, ids: &[Uuid]) -> usize {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1 AND id = ANY($2)")
-            .bind(status.as_str())
-            .bind(ids)
-            .fetch_one(&self.pool)
-            .await
-            .expect("count");
-        usize::try_from(n).unwrap_or_default()
+        usize::try_from(db::count(&self.pool, Some(status), Some(ids)).await).unwrap_or_default()
     }
 
     /// Waits (bounded) until `done` holds; returns how long that took.
@@ -148,23 +136,19 @@ impl Harness {
     }
 
     /// attempt → number of jobs, over `ids`.
-    pub async fn attempts(&self, ids: &[Uuid]) -> HashMap<i32, i64> {
-        let rows: Vec<(i32, i64)> =
-            sqlx::query_as("SELECT attempt, count(*) FROM jobs WHERE id = ANY($1) GROUP BY attempt")
-                .bind(ids)
-                .fetch_all(&self.pool)
-                .await
-                .expect("query");
-        rows.into_iter().collect()
+    pub async fn attempts(&self, ids: &[Uuid]) -> BTreeMap<i32, i64> {
+        db::attempts(&self.pool, Some(ids)).await
     }
 
     /// The worker holding job `id`'s lease, while it runs.
     pub async fn lease_owner(&self, id: Uuid) -> Option<Uuid> {
-        sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await
-            .expect("query")
+        db::lease_owner(&self.pool, id).await
+    }
+
+    /// A reconciler of a made-up worker process, to drive step by step.
+    pub fn reconciler(&self) -> Reconciler {
+        let outbox = Outbox::new(self.publisher.clone(), self.pool.clone(), &TaskTracker::new());
+        Reconciler::new(Uuid::now_v7(), self.pool.clone(), outbox, &self.settings)
     }
 
     /// The reconciler's current leader, while its term has not lapsed.
@@ -177,7 +161,7 @@ impl Harness {
 
     /// The registered workers' ids.
     pub async fn workers(&self) -> Vec<Uuid> {
-        sqlx::query_scalar("SELECT id FROM workers ORDER BY started_at").fetch_all(&self.pool).await.expect("query")
+        db::worker_ids(&self.pool).await
     }
 
     pub async fn close(self) {

@@ -5,46 +5,14 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::db::jobs;
-use shared::db::leadership::{self, Claim, RECONCILER};
 use shared::job::JobStatus;
 use shared::queue::Message;
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
-use worker::reconciler::{Interrupted, Reconciler};
+use worker::reconciler::Interrupted;
 
 use crate::helpers::Harness;
-
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn the_leadership_has_one_holder_and_a_new_term_at_each_change(pool: sqlx::PgPool) {
-    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let ttl = Duration::from_secs(30);
-    let Claim::Held { term: first, remaining } = leadership::claim(&pool, RECONCILER, a, ttl).await.expect("claim")
-    else {
-        panic!("nobody held it");
-    };
-    assert!(remaining > Duration::from_secs(29) && remaining <= ttl, "{remaining:?}");
-    let renewed = leadership::claim(&pool, RECONCILER, a, ttl).await.expect("claim");
-    assert!(matches!(renewed, Claim::Held { term, .. } if term == first), "a renewal keeps the term: {renewed:?}");
-    let refused = leadership::claim(&pool, RECONCILER, b, ttl).await.expect("claim");
-    assert!(matches!(refused, Claim::Elsewhere { holder, .. } if holder == a), "{refused:?}");
-
-    // A lapses (as a frozen holder does); B takes it with the next term.
-    sqlx::query("UPDATE leaders SET expires_at = now()").execute(&pool).await.expect("lapse");
-    let Claim::Held { term: second, .. } = leadership::claim(&pool, RECONCILER, b, ttl).await.expect("claim") else {
-        panic!("a lapsed leadership is free");
-    };
-    assert_eq!(second.term, first.term + 1);
-    // A wakes: it neither gets it back nor can give B's away.
-    assert!(matches!(leadership::claim(&pool, RECONCILER, a, ttl).await.expect("claim"), Claim::Elsewhere { .. }));
-    leadership::release(&pool, RECONCILER, first).await.expect("release");
-    assert_eq!(leadership::current(&pool, RECONCILER).await.expect("query"), Some((second, true)));
-    // B gives it up cleanly: free at once, and even B's own next term is a new one.
-    leadership::release(&pool, RECONCILER, second).await.expect("release");
-    let Claim::Held { term: third, .. } = leadership::claim(&pool, RECONCILER, b, ttl).await.expect("claim") else {
-        panic!("a released leadership is free");
-    };
-    assert_eq!(third.term, second.term + 1);
-}
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_reconciler_that_lost_its_leadership_changes_nothing(
@@ -61,46 +29,32 @@ async fn a_reconciler_that_lost_its_leadership_changes_nothing(
     let mut due = shared::testing::new_job("noop", json!({}));
     due.run_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
     let due = jobs::insert(pool, &due).await.expect("insert").id;
-    sqlx::query("UPDATE jobs SET run_at = now() - interval '1 second' WHERE id = $1")
-        .bind(due)
-        .execute(pool)
-        .await
-        .expect("due now");
+    db::make_due(pool, due).await;
     // a running job whose worker was lost,
     let lost_worker = jobs::insert(pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert").id;
-    sqlx::query("DELETE FROM outbox").execute(pool).await.expect("published");
+    db::clear_outbox(pool).await;
     jobs::claim(pool, lost_worker, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
-        .bind(lost_worker)
-        .execute(pool)
-        .await
-        .expect("expire");
+    db::expire_lease(pool, lost_worker).await;
     // and a queued job whose publish was never confirmed.
     let unpublished = jobs::insert(pool, &shared::testing::new_job("noop", json!({}))).await.expect("insert").id;
 
-    let a = Reconciler::new(Uuid::now_v7(), pool.clone(), h.publisher.clone(), &h.settings);
+    let mut a = h.reconciler();
     let mut stale = a.elect().await.expect("query").expect("nobody leads yet");
     // A stalls past its term; B takes over.
-    sqlx::query("UPDATE leaders SET expires_at = now()").execute(pool).await.expect("lapse");
-    let mut b = Reconciler::new(Uuid::now_v7(), pool.clone(), h.publisher.clone(), &h.settings);
+    db::lapse_leadership(pool).await;
+    let mut b = h.reconciler();
     let mut lead = b.elect().await.expect("query").expect("a lapsed leadership is free");
 
-    let snapshot = async || -> Vec<(Uuid, String, chrono::DateTime<chrono::Utc>)> {
-        sqlx::query_as("SELECT id, status, updated_at FROM jobs ORDER BY id").fetch_all(pool).await.expect("query")
-    };
-    let outbox =
-        async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(pool).await.expect("count") };
-    let before = (snapshot().await, outbox().await);
+    let before = (db::snapshot(pool).await, db::outbox_len(pool, None).await);
 
     // Each of A's statements, made as if it froze just before them, is refused by its term.
     assert!(jobs::queue_due(pool, stale.term, 10).await.expect("query").is_empty());
     assert_eq!(jobs::rescue_expired(pool, stale.term, 10).await.expect("query"), 0);
-    assert!(jobs::unpublished(pool, stale.term, 0, 10).await.expect("query").is_empty());
+    assert!(shared::db::outbox::sweep(pool, stale.term, 0, 10).await.expect("query").is_empty());
     assert!(jobs::longest_queued(pool, stale.term, "default", 0, 10).await.expect("query").is_empty());
     // A whole pass stops at its first renewal.
-    let mut a = a;
     assert!(matches!(a.pass(&mut stale).await, Err(Interrupted::Lost)));
-    assert_eq!((snapshot().await, outbox().await), before, "nothing changed");
+    assert_eq!((db::snapshot(pool).await, db::outbox_len(pool, None).await), before, "nothing changed");
     assert_eq!(h.amqp.depth("default").await, 0, "nothing was published");
 
     // B, the leader, does all of it.
@@ -108,7 +62,7 @@ async fn a_reconciler_that_lost_its_leadership_changes_nothing(
     b.find_lost_messages(&lead).await.expect("look");
     b.pass(&mut lead).await.expect("pass");
     b.find_lost_messages(&lead).await.expect("look again");
-    assert_eq!(outbox().await, 0, "every publish confirmed and recorded");
+    h.wait(Duration::from_secs(5), "every confirm is recorded", async || db::outbox_len(pool, None).await == 0).await;
     // One message for each job: due, rescued then due, unconfirmed, lost.
     let mut published = Vec::new();
     while let Some((body, _)) = h.amqp.take("default").await {

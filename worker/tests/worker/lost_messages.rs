@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::job::JobStatus;
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
-use uuid::Uuid;
-use worker::reconciler::Reconciler;
 
 use crate::helpers::Harness;
 
@@ -34,15 +33,9 @@ async fn messages_a_worker_holds_are_not_taken_for_lost(_: sqlx::postgres::PgPoo
     // A worker took all five and holds them, unacknowledged; it says so at its heartbeat.
     let holding = h.amqp.hold("default", 5).await;
     assert_eq!(h.amqp.depth("default").await, 0);
-    let worker = Uuid::now_v7();
-    sqlx::query("INSERT INTO workers (id, host, queues, concurrency, held) VALUES ($1, 'h', '{default}', 5, $2)")
-        .bind(worker)
-        .bind(json!({"default": 5}))
-        .execute(&h.pool)
-        .await
-        .expect("register");
+    db::fake_worker(&h.pool, json!({"default": 5})).await;
 
-    let mut reconciler = Reconciler::new(Uuid::now_v7(), h.pool.clone(), h.publisher.clone(), &h.settings);
+    let mut reconciler = h.reconciler();
     let lead = reconciler.elect().await.expect("query").expect("nobody leads yet");
     for _ in 0..3 {
         reconciler.find_lost_messages(&lead).await.expect("look");
@@ -50,7 +43,7 @@ async fn messages_a_worker_holds_are_not_taken_for_lost(_: sqlx::postgres::PgPoo
     assert_eq!(h.amqp.depth("default").await, 0, "nothing republished while the worker holds them");
 
     // The worker now holds none (its messages were lost with it, say): one look is not enough…
-    sqlx::query("UPDATE workers SET held = '{}'").execute(&h.pool).await.expect("report");
+    db::set_held(&h.pool, json!({})).await;
     reconciler.find_lost_messages(&lead).await.expect("look");
     assert_eq!(h.amqp.depth("default").await, 0, "a shortfall seen once may be a race");
     // …a second confirms it.

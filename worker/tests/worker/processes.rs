@@ -1,11 +1,12 @@
 //! SIGKILL and SIGTERM on worker processes with jobs in flight: every job
 //! still ends exactly once.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shared::job::JobStatus;
+use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
 
@@ -31,13 +32,9 @@ async fn jobs_of_a_worker_killed_with_sigkill_are_finished_by_another(
     h.wait(Duration::from_secs(30), "every job succeeds", async || h.count(JobStatus::Succeeded, &ids).await == 4)
         .await;
     // Each was rescued once (its lost attempt counted) and then ran to completion once.
-    assert_eq!(h.attempts(&ids).await, HashMap::from([(2, 4)]));
-    let kinds: Vec<String> = sqlx::query_scalar("SELECT error->>'kind' FROM jobs WHERE id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&h.pool)
-        .await
-        .expect("query");
-    assert!(kinds.iter().all(|k| k == "lease_expired"), "{kinds:?}");
+    assert_eq!(h.attempts(&ids).await, BTreeMap::from([(2, 4)]));
+    let kinds = db::error_kinds(&h.pool, &ids).await;
+    assert!(kinds.iter().all(|k| k.as_deref() == Some("lease_expired")), "{kinds:?}");
     stop.cancel();
     survivor.await.expect("joined").expect("clean stop");
     h.close().await;
@@ -58,6 +55,10 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
         .await;
     // More work arrives that the stopping worker has prefetched but not started.
     let waiting = h.submit(3, "noop", json!({})).await;
+    h.wait(Duration::from_secs(10), "the worker holds the three", async || {
+        db::held(&h.pool, "default").await == [Some(3)]
+    })
+    .await;
 
     let stopped_at = Instant::now();
     signal(&stopping, "-TERM");
@@ -67,7 +68,7 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
     assert!(took < Duration::from_secs(6), "it stopped within its grace period: {took:?}");
     assert_eq!(h.count(JobStatus::Succeeded, &short).await, 2, "short jobs finished during the grace period");
     assert_eq!(h.count(JobStatus::Queued, &long).await, 2, "long jobs were handed back");
-    assert_eq!(h.attempts(&long).await, HashMap::from([(0, 2)]), "the interrupted attempt is not counted");
+    assert_eq!(h.attempts(&long).await, BTreeMap::from([(0, 2)]), "the interrupted attempt is not counted");
 
     let (stop, survivor) = h.spawn_in_process(4);
     let everything: Vec<Uuid> = all.iter().chain(&waiting).copied().collect();
@@ -75,7 +76,7 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
         h.count(JobStatus::Succeeded, &everything).await == everything.len()
     })
     .await;
-    assert_eq!(h.attempts(&everything).await, HashMap::from([(1, 7)]), "none ran twice to completion");
+    assert_eq!(h.attempts(&everything).await, BTreeMap::from([(1, 7)]), "none ran twice to completion");
     stop.cancel();
     survivor.await.expect("joined").expect("clean stop");
     h.close().await;

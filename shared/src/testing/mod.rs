@@ -1,6 +1,10 @@
 //! Helpers for integration tests (feature `test-util`): settings pointed at a
 //! per-test database and a per-test RabbitMQ namespace that is deleted when
-//! the test ends, even when it panics.
+//! the test ends, even when it panics; the environment of a child binary
+//! configured the same way; a TCP proxy to cut connections; and, in [`db`],
+//! what tests read and poke in the database.
+
+pub mod db;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use sqlx::postgres::PgConnectOptions;
@@ -108,6 +112,33 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
     settings.http.workers = 2;
     settings.database.migrate_on_start = false;
     settings
+}
+
+/// The environment of a child `api` or `worker` process configured like
+/// `settings` (the test's database, RabbitMQ namespace and worker timings),
+/// for `Command::env_clear().envs(…)`. `RUST_LOG` passes through, `warn` by default.
+pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
+    let (worker, amqp) = (&settings.worker, &settings.amqp);
+    let fixed = [
+        ("DATABASE_URL", settings.database.url.clone()),
+        ("AMQP_URL", amqp.url.clone()),
+        ("CONVEYOR__AMQP__NAMESPACE", amqp.namespace.clone()),
+        ("CONVEYOR__AMQP__HEARTBEAT_SECONDS", amqp.heartbeat_seconds.to_string()),
+        ("CONVEYOR__DATABASE__MIGRATE_ON_START", "false".to_owned()),
+        ("CONVEYOR__WORKER__HEARTBEAT_SECONDS", worker.heartbeat_seconds.to_string()),
+        ("CONVEYOR__WORKER__LEASE_SECONDS", worker.lease_seconds.to_string()),
+        ("CONVEYOR__WORKER__RECONCILE_INTERVAL_MS", worker.reconcile_interval_ms.to_string()),
+        ("CONVEYOR__WORKER__LEADER_TTL_SECONDS", worker.leader_ttl_seconds.to_string()),
+        ("CONVEYOR__WORKER__OUTBOX_GRACE_SECONDS", worker.outbox_grace_seconds.to_string()),
+        ("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", worker.shutdown_grace_seconds.to_string()),
+        ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned())),
+    ];
+    let mut env: Vec<(String, String)> = fixed.into_iter().map(|(key, value)| (key.to_owned(), value)).collect();
+    // Queues beyond the built-in `default` exist only when named.
+    for (name, queue) in &settings.queues {
+        env.push((format!("CONVEYOR__QUEUES__{}__WEIGHT", name.to_uppercase()), queue.weight.to_string()));
+    }
+    env
 }
 
 /// A short-lived connection and channel to the test broker, for looking at queues.

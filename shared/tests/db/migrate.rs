@@ -1,5 +1,5 @@
-//! `api migrate` (and `api serve` at start): creates a missing database and
-//! applies the migrations, idempotently.
+//! Migrating (`api migrate`, and `api serve` at start): creates a missing
+//! database and applies the migrations, idempotently.
 
 use shared::config::DatabaseSettings;
 use shared::db;
@@ -19,12 +19,8 @@ async fn migrate_creates_a_missing_database_and_can_run_again() {
     for _ in 0..2 {
         let pool = db::pool(&settings).expect("pool");
         db::migrate(&settings, &pool).await.expect("migrate");
-        let columns: Vec<String> =
-            sqlx::query_scalar("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'jobs'")
-                .fetch_all(&pool)
-                .await
-                .expect("query");
-        // Every field of SPEC §3.
+        let columns = shared::testing::db::columns(&pool, "jobs").await;
+        // Every field of a job.
         for field in [
             "id",
             "tenant",
@@ -48,11 +44,7 @@ async fn migrate_creates_a_missing_database_and_can_run_again() {
         ] {
             assert!(columns.iter().any(|c| c == field), "jobs lacks {field}");
         }
-        let bogus = sqlx::query("INSERT INTO jobs (id, queue, type, status) VALUES ($1, 'default', 'noop', 'done')")
-            .bind(uuid::Uuid::now_v7())
-            .execute(&pool)
-            .await;
-        let code = bogus.err().and_then(|e| e.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()));
+        let code = shared::testing::db::insert_with_status(&pool, "done").await;
         assert_eq!(code.as_deref(), Some("23514"), "the status check constraint refuses unknown statuses");
         pool.close().await;
     }

@@ -1,0 +1,161 @@
+//! The job service: what the `/v1/jobs` routes do, without HTTP. A
+//! submission is validated, inserted (submissions arriving together share one
+//! statement), published with a confirm, and its confirm recorded; reads go
+//! through the ended-job cache; cancels and requeues are guarded moves.
+
+use std::sync::Arc;
+
+use shared::batch::Batcher;
+use shared::config::Settings;
+use shared::db::{self, jobs};
+use shared::job::{Cancel, Enqueued, Job, JobStatus, ListFilter, NewJob};
+use shared::outbox::Outbox;
+use sqlx::PgPool;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::cache::{EndedJobs, Rendered};
+use crate::caching::Freshness;
+use crate::error::ApiError;
+use crate::submission::SubmitRequest;
+
+/// Submissions per insert statement at most.
+const INSERT_BATCH: usize = 256;
+
+/// A job as read for a client: rendered, with what it may assume of it.
+#[derive(Debug)]
+pub struct Read {
+    pub rendered: Rendered,
+    pub freshness: Freshness,
+    /// Seconds since it was read from Postgres, when it came from memory.
+    pub age: Option<u64>,
+}
+
+/// One page of a list.
+#[derive(Debug, serde::Serialize)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+pub struct JobService {
+    settings: Arc<Settings>,
+    pool: PgPool,
+    /// Inserts submitted jobs, those arriving together in one statement.
+    /// One submission's refused values fail only that submission.
+    inserter: Batcher<NewJob, db::Result<Job>, db::Error>,
+    outbox: Outbox,
+    ended: Arc<EndedJobs>,
+}
+
+impl JobService {
+    /// A service whose batching tasks run on `tasks`.
+    pub fn new(
+        settings: Arc<Settings>,
+        pool: PgPool,
+        outbox: Outbox,
+        ended: Arc<EndedJobs>,
+        tasks: &TaskTracker,
+    ) -> Self {
+        let insert_pool = pool.clone();
+        let inserter = Batcher::spawn(tasks, INSERT_BATCH, move |jobs: Vec<NewJob>| {
+            let pool = insert_pool.clone();
+            async move { jobs::insert_each_if_refused(&pool, &jobs).await }
+        });
+        Self { settings, pool, inserter, outbox, ended }
+    }
+
+    /// Validates, commits and publishes one submission of `tenant`. Once the
+    /// row is committed the job is accepted whatever happens next: a publish
+    /// that fails leaves it in the outbox, for the reconciler.
+    pub async fn submit(
+        &self,
+        tenant: &str,
+        request_id: Option<String>,
+        request: SubmitRequest,
+    ) -> Result<Job, ApiError> {
+        let mut new_job = request.validate(&self.settings, tenant.to_owned())?;
+        new_job.request_id = request_id;
+        let job = self.inserter.call(new_job).await??;
+        if job.status == JobStatus::Queued {
+            self.outbox.publish(vec![Enqueued::from(&job)]).await;
+        }
+        Ok(job)
+    }
+
+    /// One of `tenant`'s jobs, from memory when it ended and was read
+    /// recently. Another tenant's job is "not found", exactly like a job that
+    /// does not exist: its existence is not revealed.
+    pub async fn read(&self, tenant: &str, id: Uuid) -> Result<Read, ApiError> {
+        let max_age = self.settings.http.ended_cache_seconds;
+        let ticket = match self.ended.get(id) {
+            Ok(entry) if entry.tenant == tenant => {
+                let freshness = Freshness::Ended { max_age };
+                return Ok(Read { rendered: entry.rendered.clone(), freshness, age: Some(entry.age()) });
+            }
+            Ok(_) => return Err(not_found(id)),
+            Err(ticket) => ticket,
+        };
+        let job = self.get(tenant, id).await?;
+        let rendered = Rendered::of(&job)
+            .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("rendering job {id}"))))?;
+        let freshness = Freshness::of(&job, max_age);
+        if matches!(freshness, Freshness::Ended { .. }) {
+            self.ended.insert(ticket, id, tenant, rendered.clone());
+        }
+        Ok(Read { rendered, freshness, age: None })
+    }
+
+    async fn get(&self, tenant: &str, id: Uuid) -> Result<Job, ApiError> {
+        jobs::get(&self.pool, tenant, id).await?.ok_or_else(|| not_found(id))
+    }
+
+    /// Cancels one of `tenant`'s jobs: scheduled, queued and retrying jobs at
+    /// once; a running one is asked to stop (its worker tells the handler).
+    pub async fn cancel(&self, tenant: &str, id: Uuid) -> Result<Job, ApiError> {
+        match jobs::cancel(&self.pool, tenant, id).await? {
+            Cancel::Cancelled(job) | Cancel::Requested(job) => Ok(job),
+            Cancel::Terminal(job) => Err(ApiError::Conflict(format!(
+                "job {id} has already ended: {}; a failed or cancelled job can be requeued (POST /v1/jobs/{id}/requeue)",
+                job.status
+            ))),
+            Cancel::NotFound => Err(not_found(id)),
+            Cancel::KeptChanging => Err(ApiError::Conflict(format!(
+                "job {id} kept changing state while being cancelled; retry the request"
+            ))),
+        }
+    }
+
+    /// Puts one of `tenant`'s failed or cancelled jobs back in its queue,
+    /// attempts restarted.
+    pub async fn requeue(&self, tenant: &str, id: Uuid) -> Result<Job, ApiError> {
+        let Some(moved) = jobs::requeue_one(&self.pool, tenant, id).await? else {
+            let job = self.get(tenant, id).await?;
+            return Err(ApiError::Conflict(format!(
+                "job {id} is {}; only failed or cancelled jobs can be requeued",
+                job.status
+            )));
+        };
+        // Other replicas hear of it from Postgres; this one must not answer the
+        // caller's next GET from a cache the notification has not reached yet.
+        self.ended.clear();
+        self.outbox.publish(vec![moved]).await;
+        self.get(tenant, id).await
+    }
+
+    /// A page of `tenant`'s jobs, newest first.
+    pub async fn list(&self, tenant: &str, filter: &ListFilter, limit: i64) -> Result<JobPage, ApiError> {
+        // One row more than asked tells whether another page exists.
+        let mut jobs = jobs::list(&self.pool, Some(tenant), filter, limit + 1).await?;
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = jobs.len() > limit;
+        jobs.truncate(limit);
+        let next_cursor = if more { jobs.last().map(|job| job.id.to_string()) } else { None };
+        Ok(JobPage { jobs, next_cursor })
+    }
+}
+
+fn not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no job {id}"))
+}

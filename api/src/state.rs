@@ -1,0 +1,19 @@
+//! What every request handler can reach. Built once by [`crate::startup`];
+//! the authenticator is registered beside it, so that `auth` needs nothing
+//! of this module.
+
+use std::sync::Arc;
+
+use shared::config::Settings;
+use shared::queue::Publisher;
+use sqlx::PgPool;
+
+use crate::service::JobService;
+
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    /// For readiness and queue depths; jobs are published by the service.
+    pub publisher: Publisher,
+    pub jobs: JobService,
+}

@@ -1,0 +1,122 @@
+//! Moves of a job: each a guarded statement, fenced by the lease of the run
+//! that makes it; a refused value fails its own job only; requeue by ids is
+//! all or nothing.
+
+use std::time::Duration;
+
+use serde_json::json;
+use shared::db::{self, jobs};
+use shared::job::{Cancel, FailureKind, JobFailure, JobStatus, Outcome, RequeueRefused};
+use shared::testing::{db as inspect, lead, new_job};
+use uuid::Uuid;
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_postgres_refuses_fails_alone_not_its_whole_batch(pool: sqlx::PgPool) {
+    // Validation keeps such values out of the API; this is the safety net under it.
+    let good = new_job("echo", json!({"n": 1}));
+    let refused = new_job("echo", json!({"s": "x\u{0}y"}));
+    let also_good = new_job("echo", json!({"n": 2}));
+    let each = jobs::insert_each_if_refused(&pool, &[good.clone(), refused, also_good.clone()]).await.expect("batch");
+    let ok: Vec<bool> = each.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, false, true]);
+    assert!(matches!(each[1], Err(db::Error::Refused(_))), "{:?}", each[1]);
+    assert_eq!(inspect::count(&pool, None, None).await, 2);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_whose_cancel_was_requested_is_never_retried(pool: sqlx::PgPool) {
+    let pool = &pool;
+    let worker = Uuid::now_v7();
+    let running = || async {
+        let job = jobs::insert(pool, &new_job("noop", json!({}))).await.expect("insert");
+        let claimed = jobs::claim(pool, job.id, worker, 30).await.expect("claim").expect("queued");
+        assert!(matches!(jobs::cancel(pool, "default", job.id).await.expect("cancel"), Cancel::Requested(_)));
+        claimed
+    };
+    let status_of = |id| async move { jobs::status(pool, id).await.expect("status").expect("exists") };
+
+    // Its handler failed retryably instead of stopping.
+    let failed = running().await;
+    let error = JobFailure { message: "boom".to_owned(), kind: FailureKind::Retryable, attempt: failed.attempt };
+    let outcome = Outcome::Retrying { error, retry_at: chrono::Utc::now() };
+    assert!(jobs::finish(pool, failed.lease(), &outcome).await.expect("finish"));
+    assert_eq!(status_of(failed.id).await, JobStatus::Cancelled);
+
+    // Its worker was lost.
+    let lost = running().await;
+    inspect::expire_lease(pool, lost.id).await;
+    let leader = lead(pool).await;
+    assert_eq!(jobs::rescue_expired(pool, leader, 10).await.expect("rescue"), 1);
+    assert_eq!(status_of(lost.id).await, JobStatus::Cancelled);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_zombie_workers_late_writes_are_rejected(pool: sqlx::PgPool) {
+    let pool = &pool;
+    let job = jobs::insert(pool, &new_job("echo", json!({"v": 1}))).await.expect("insert");
+    let (zombie_worker, live_worker) = (Uuid::now_v7(), Uuid::now_v7());
+
+    // Worker Z claims the job, then goes silent: its lease expires and the job is rescued.
+    let z = jobs::claim(pool, job.id, zombie_worker, 30).await.expect("claim").expect("claimed");
+    inspect::expire_lease(pool, job.id).await;
+    let leader = lead(pool).await;
+    assert_eq!(jobs::rescue_expired(pool, leader, 10).await.expect("rescue"), 1);
+    assert_eq!(jobs::queue_due(pool, leader, 10).await.expect("due").len(), 1);
+    // Worker L claims it again and finishes it.
+    let l = jobs::claim(pool, job.id, live_worker, 30).await.expect("claim").expect("claimed");
+    assert_eq!((z.attempt, l.attempt), (1, 2), "the lost attempt counts");
+    let (zombie, live) = (z.lease(), l.lease());
+
+    // Z wakes up: nothing it writes lands, before or after L's outcome.
+    assert!(!jobs::set_progress(pool, zombie, 50).await.expect("query"));
+    assert!(!jobs::finish(pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
+    assert!(jobs::renew(pool, &[zombie], 30).await.expect("query").is_empty(), "Z learns its lease is gone");
+    assert!(jobs::finish(pool, live, &Outcome::Succeeded(json!("live"))).await.expect("query"));
+    assert!(!jobs::finish(pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
+    assert!(jobs::release(pool, zombie).await.expect("query").is_none());
+
+    let done = jobs::get(pool, "default", job.id).await.expect("query").expect("exists");
+    assert_eq!((done.status, done.attempt, done.result), (JobStatus::Succeeded, 2, Some(json!("live"))));
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_requeue_by_ids_moves_all_or_none(pool: sqlx::PgPool) {
+    let pool = &pool;
+    let failed = |status| async move {
+        let job = jobs::insert(pool, &new_job("noop", json!({}))).await.expect("insert");
+        let claimed = jobs::claim(pool, job.id, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
+        let error = JobFailure { message: "boom".to_owned(), kind: FailureKind::Permanent, attempt: 1 };
+        let outcome = if status == JobStatus::Failed { Outcome::Failed(error) } else { Outcome::Succeeded(json!({})) };
+        assert!(jobs::finish(pool, claimed.lease(), &outcome).await.expect("finish"));
+        job.id
+    };
+    let (a, b, done) =
+        (failed(JobStatus::Failed).await, failed(JobStatus::Failed).await, failed(JobStatus::Succeeded).await);
+    let before = inspect::snapshot(pool).await;
+
+    let missing = Uuid::now_v7();
+    assert_eq!(
+        jobs::requeue_exactly(pool, &[a, missing], false).await.expect("query"),
+        Err(RequeueRefused::Missing(missing))
+    );
+    assert_eq!(
+        jobs::requeue_exactly(pool, &[a, done, b], false).await.expect("query"),
+        Err(RequeueRefused::NotEnded(done, JobStatus::Succeeded))
+    );
+    assert_eq!(jobs::requeue_exactly(pool, &[a, b], true).await.expect("query"), Ok(Vec::new()), "a dry run");
+    assert_eq!(inspect::snapshot(pool).await, before, "refusals and dry runs change nothing");
+
+    let moved = jobs::requeue_exactly(pool, &[a, b], false).await.expect("query").expect("both failed");
+    assert_eq!(moved.len(), 2);
+    assert_eq!(inspect::count(pool, Some(JobStatus::Queued), Some(&[a, b])).await, 2);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_cancel_of_a_running_job_wakes_its_worker(pool: sqlx::PgPool) {
+    let job = jobs::insert(&pool, &new_job("noop", json!({}))).await.expect("insert");
+    jobs::claim(&pool, job.id, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
+    let mut listener = db::notify::listen(&pool, db::CANCEL_CHANNEL).await.expect("listen");
+    assert!(matches!(jobs::cancel(&pool, "default", job.id).await.expect("cancel"), Cancel::Requested(_)));
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.expect("in time").expect("recv");
+    assert_eq!(heard, Some(job.id.to_string()));
+}
