@@ -387,5 +387,6 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
     let exit = tokio::time::timeout(Duration::from_secs(35), server.wait()).await.expect("it exits").expect("status");
     assert!(exit.success(), "{exit:?}");
     assert_eq!(app.job_count().await, 1);
+    assert_eq!(db::outbox_len(&app.pool, None).await, 0, "its confirm was recorded before the API exited");
     app.stop().await;
 }

@@ -3,6 +3,7 @@
 //! that lost its leadership, and a queue whose messages RabbitMQ lost, against
 //! the real Postgres (a database per test) and RabbitMQ (a namespace per test).
 
+mod deliveries;
 mod frozen;
 mod helpers;
 mod leadership;

@@ -68,6 +68,7 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
     assert!(took < Duration::from_secs(6), "it stopped within its grace period: {took:?}");
     assert_eq!(h.count(JobStatus::Succeeded, &short).await, 2, "short jobs finished during the grace period");
     assert_eq!(h.count(JobStatus::Queued, &long).await, 2, "long jobs were handed back");
+    assert_eq!(db::outbox_len(&h.pool, None).await, 0, "and republished, their confirms recorded before it exited");
     assert_eq!(h.attempts(&long).await, BTreeMap::from([(0, 2)]), "the interrupted attempt is not counted");
 
     let (stop, survivor) = h.spawn_in_process(4);

@@ -1,0 +1,56 @@
+//! The executor with deliveries made in the test, no broker involved: what it
+//! does with each kind of message, and how it settles it.
+
+use serde_json::json;
+use shared::db::jobs;
+use shared::job::JobStatus;
+use shared::outbox::Outbox;
+use shared::queue::{Delivery, Message, Settlement};
+use shared::testing::{db, new_job};
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+use worker::execute::Executor;
+
+use crate::helpers::Harness;
+
+fn executor(h: &Harness) -> Executor {
+    let tasks = TaskTracker::new();
+    let outbox = Outbox::new(h.publisher.clone(), h.pool.clone(), &tasks);
+    Executor::new(Uuid::now_v7(), h.pool.clone(), outbox, h.settings.jobs.clone(), 30, &tasks)
+}
+
+fn run_job(id: Uuid) -> Vec<u8> {
+    serde_json::to_vec(&Message::RunJob { job_id: id }).expect("serializes")
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn each_delivery_is_run_dropped_or_dead_lettered_and_settled_once(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let h = Harness::new(connect).await;
+    let executor = executor(&h);
+    let job = jobs::insert(&h.pool, &new_job("echo", json!({"n": 1}))).await.expect("insert").id;
+
+    // A queued job's message: claimed, acknowledged, run to its outcome.
+    let (delivery, settled) = Delivery::recorded(run_job(job), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::Ack));
+    assert_eq!(jobs::status(&h.pool, job).await.expect("query"), Some(JobStatus::Succeeded));
+
+    // The same message again (a duplicate): the job is not queued any more, so it is dropped.
+    let (delivery, settled) = Delivery::recorded(run_job(job), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::Ack));
+    assert_eq!(db::attempts(&h.pool, Some(&[job])).await, [(1, 1)].into(), "it ran once");
+
+    // A message for a job that does not exist, and one that is not a message at all: for a human.
+    let (delivery, settled) = Delivery::recorded(run_job(Uuid::now_v7()), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::DeadLetter));
+    let (delivery, settled) = Delivery::recorded(b"{\"kind\": \"mystery\"}".to_vec(), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::DeadLetter));
+    h.close().await;
+}
