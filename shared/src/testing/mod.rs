@@ -208,6 +208,16 @@ impl AmqpNamespace {
         }
     }
 
+    /// Declares Conveyor queue `queue` as a plain durable queue, without the
+    /// arguments Conveyor gives it: what a much older version would have left.
+    pub async fn declare_plain(&self, queue: &str) {
+        let rabbit_queue = Names::new(&self.name).queue(queue);
+        let options = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+        if let Err(e) = channel().await.queue_declare(rabbit_queue.into(), options, Default::default()).await {
+            panic!("queue.declare failed: {e}");
+        }
+    }
+
     /// Takes one message off Conveyor queue `queue`, in the order a consumer would get it.
     pub async fn take(&self, queue: &str) -> Option<(Vec<u8>, lapin::BasicProperties)> {
         let rabbit_queue = Names::new(&self.name).queue(queue);

@@ -9,3 +9,4 @@ mod helpers;
 mod leadership;
 mod lost_messages;
 mod processes;
+mod topology;
