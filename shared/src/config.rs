@@ -99,6 +99,15 @@ pub struct JobSettings {
     pub timeout_seconds_limit: i32,
     pub retry_backoff_base_ms: u64,
     pub retry_backoff_cap_ms: u64,
+    pub http: HttpJobSettings,
+}
+
+/// What `http` jobs may reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpJobSettings {
+    /// CIDRs or `host:port` admitted beside public addresses.
+    pub allow: Vec<String>,
 }
 
 /// A queue's settings; both keys may be left out (a queue is then declared by
@@ -176,6 +185,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("worker.queues")
+                .with_list_parse_key("jobs.http.allow")
                 .source(Some(env)),
         );
         // The conventional names win over everything, as in most twelve-factor tools.
@@ -229,6 +239,9 @@ impl Settings {
         check(jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms, || {
             "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into()
         })?;
+        if let Err(e) = crate::kinds::http::destination::Allow::parse(&jobs.http.allow) {
+            return Err(ConfigError(format!("jobs.http.allow: {e}")));
+        }
         check(!self.queues.is_empty(), || "queues must name at least one queue".into())?;
         for (name, queue) in &self.queues {
             check(is_name(name), || format!("queues.{name}: a queue name must be 1-64 of [a-zA-Z0-9_-]"))?;
@@ -338,6 +351,7 @@ mod tests {
             &env(&[
                 ("CONVEYOR__HTTP__PORT", "9999"),
                 ("CONVEYOR__WORKER__QUEUES", "critical,default"),
+                ("CONVEYOR__JOBS__HTTP__ALLOW", "127.0.0.1/32,hooks.internal:8080"),
                 ("CONVEYOR__QUEUES__CRITICAL__WEIGHT", "3"),
                 ("CONVEYOR__DATABASE__URL", "postgres://ignored/db"),
                 ("DATABASE_URL", "postgres://u@h/db"),
@@ -348,6 +362,7 @@ mod tests {
         .expect("valid");
         assert_eq!(s.http.port, 9999);
         assert_eq!(s.worker.queues, ["critical", "default"]);
+        assert_eq!(s.jobs.http.allow, ["127.0.0.1/32", "hooks.internal:8080"]);
         assert_eq!(s.queues["critical"].weight, 3);
         assert_eq!(s.queues["critical"].max_depth, 1_000_000, "left-out keys take their defaults");
         assert_eq!(s.database.url, "postgres://u@h/db");
@@ -378,6 +393,7 @@ mod tests {
         assert!(error_of(&[("CONVEYOR__WORKER__QUEUES", "nope")]).contains("worker.queues"));
         assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("database.url"));
         assert!(error_of(&[("AMQP_URL", "amqp://h:port/v")]).contains("amqp.url"));
+        assert!(error_of(&[("CONVEYOR__JOBS__HTTP__ALLOW", "10.0.0.0/8,intranet")]).contains("jobs.http.allow"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde_json::Value;
 use shared::config::JobSettings;
 use shared::db::jobs;
 use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome};
-use shared::kinds::{self, JobContext, JobError};
+use shared::kinds::{self, JobContext, JobError, Resources};
 use shared::outbox::Outbox;
 use shared::queue::{Delivery, Message, QueueError};
 use sqlx::PgPool;
@@ -72,6 +72,7 @@ pub struct Executor {
     claimer: Claimer,
     outcomes: OutcomeWriter,
     settings: JobSettings,
+    resources: Resources,
     lease_seconds: i32,
     running: Mutex<HashMap<Uuid, Running>>,
 }
@@ -103,10 +104,12 @@ impl Executor {
         outbox: Outbox,
         settings: JobSettings,
         lease_seconds: u32,
+        resources: Resources,
         tasks: &TaskTracker,
     ) -> Self {
         let lease_seconds = i32::try_from(lease_seconds).unwrap_or(i32::MAX);
         Self {
+            resources,
             claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds),
             outcomes: OutcomeWriter::spawn(tasks, pool.clone()),
             pool,
@@ -301,7 +304,7 @@ impl Executor {
         cancel: CancellationToken,
     ) -> Ran {
         let (progress_tx, mut progress_rx) = watch::channel(None);
-        let ctx = JobContext::new(job.id, job.attempt, cancel.clone(), progress_tx);
+        let ctx = JobContext::new(job.id, job.attempt, cancel.clone(), progress_tx, self.resources.clone());
         // A task of its own: a panic in the handler ends that task, not the worker,
         // and a timed-out handler can be aborted.
         let mut handler = tokio::spawn(kind.run(job.payload.clone(), ctx));

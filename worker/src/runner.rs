@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use shared::config::Settings;
 use shared::db::{CANCEL_CHANNEL, notify, workers};
+use shared::kinds::Resources;
 use shared::outbox::Outbox;
 use shared::queue::{Consumer, Held, Publisher, QueueError, Subscription};
 use sqlx::PgPool;
@@ -90,12 +91,14 @@ impl Worker {
         let background_stop = CancellationToken::new();
         let publisher = Publisher::new(&self.settings.amqp, self.settings.queues.keys().cloned().collect(), &name);
         let outbox = Outbox::new(publisher, self.pool.clone(), &background);
+        let resources = Resources::new(&self.settings.jobs)?;
         let executor = Arc::new(Executor::new(
             self.id,
             self.pool.clone(),
             outbox.clone(),
             self.settings.jobs.clone(),
             self.settings.worker.lease_seconds,
+            resources,
             &background,
         ));
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use shared::job::{FailureKind, JobStatus};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{Endpoint, TestApp, client_with, spawn_app};
+use crate::helpers::{Endpoint, TestApp, allow_loopback, client_with, spawn_app, spawn_app_with};
 use crate::submit::PgPoolOptionsUnused;
 
 /// Runs `api <args>` configured like the test app.
@@ -46,7 +46,7 @@ async fn an_operator_requeues_a_failed_webhook_after_the_endpoint_is_fixed(
     _: PgPoolOptionsUnused,
     connect: PgConnectOptions,
 ) {
-    let mut app = spawn_app(connect).await;
+    let mut app = spawn_app_with(connect, allow_loopback).await;
     app.spawn_worker(&["default"], 2);
     let endpoint = Endpoint::start(400).await;
 

@@ -173,6 +173,11 @@ impl TestApp {
     }
 }
 
+/// Lets `http` jobs reach local test endpoints (by default they may not).
+pub fn allow_loopback(settings: &mut Settings) {
+    settings.jobs.http.allow = vec!["127.0.0.1/32".to_owned()];
+}
+
 /// Re-checks `condition` every few milliseconds until it holds (true) or
 /// `limit` passes (false). The bound keeps a broken test from hanging CI.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
@@ -196,7 +201,9 @@ where
 /// current status and records what it received.
 pub struct Endpoint {
     pub url: String,
+    pub port: u16,
     status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    location: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     server: ServerHandle,
 }
@@ -216,11 +223,12 @@ impl Endpoint {
 
         let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status));
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (s, r) = (status.clone(), received.clone());
+        let location = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let (s, r, l) = (status.clone(), received.clone(), location.clone());
         let server = HttpServer::new(move || {
-            let (s, r) = (s.clone(), r.clone());
+            let (s, r, l) = (s.clone(), r.clone(), l.clone());
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let (s, r) = (s.clone(), r.clone());
+                let (s, r, l) = (s.clone(), r.clone(), l.clone());
                 async move {
                     let headers = req
                         .headers()
@@ -237,7 +245,11 @@ impl Endpoint {
                     }
                     let code = actix_web::http::StatusCode::from_u16(s.load(Ordering::SeqCst))
                         .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
-                    HttpResponse::build(code).body(format!("answered {}", code.as_u16()))
+                    let mut answer = HttpResponse::build(code);
+                    if let Some(location) = l.lock().ok().and_then(|l| l.clone()) {
+                        answer.insert_header((actix_web::http::header::LOCATION, location));
+                    }
+                    answer.body(format!("answered {}", code.as_u16()))
                 }
             }))
         })
@@ -249,7 +261,15 @@ impl Endpoint {
         let server = server.run();
         let handle = server.handle();
         tokio::spawn(server);
-        Self { url: format!("http://127.0.0.1:{port}"), status, received, server: handle }
+        Self { url: format!("http://127.0.0.1:{port}"), port, status, location, received, server: handle }
+    }
+
+    /// Answers every request with `302 Found` to `location`.
+    pub fn redirect_to(&self, location: &str) {
+        if let Ok(mut l) = self.location.lock() {
+            *l = Some(location.to_owned());
+        }
+        self.answer(302);
     }
 
     pub fn answer(&self, status: u16) {

@@ -7,7 +7,7 @@ use serde_json::json;
 use shared::job::{FailureKind, JobStatus};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{Endpoint, spawn_app, spawn_app_with};
+use crate::helpers::{Endpoint, allow_loopback, spawn_app, spawn_app_with};
 use crate::submit::PgPoolOptionsUnused;
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -125,7 +125,11 @@ async fn hash_returns_the_iterated_sha256(_: PgPoolOptionsUnused, connect: PgCon
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn http_makes_a_real_request_and_classifies_the_answer(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let mut app = spawn_app_with(connect, hold_retries).await;
+    let mut app = spawn_app_with(connect, |s| {
+        hold_retries(s);
+        allow_loopback(s);
+    })
+    .await;
     app.spawn_worker(&["default"], 2);
     let endpoint = Endpoint::start(200).await;
 

@@ -7,6 +7,7 @@ mod auth;
 mod caching;
 mod cli;
 mod compose;
+mod destinations;
 mod errors;
 mod helpers;
 mod kinds;

@@ -120,7 +120,7 @@ async fn a_duplicate_message_is_dropped_and_one_for_an_unknown_job_dead_lettered
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn two_messages_for_one_job_arriving_together_run_it_once(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let mut app = spawn_app(connect).await;
+    let mut app = spawn_app_with(connect, crate::helpers::allow_loopback).await;
     let endpoint = crate::helpers::Endpoint::start(200).await;
     // Each job's message is in the queue twice (as after a republish), side by side.
     let mut ids = Vec::new();

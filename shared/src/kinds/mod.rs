@@ -87,6 +87,21 @@ pub enum JobError {
     Cancelled,
 }
 
+/// What handlers share, made once per worker process from its settings.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// The clients of `http` jobs, bound by `jobs.http.allow`.
+    pub http: http::Clients,
+}
+
+impl Resources {
+    pub fn new(settings: &crate::config::JobSettings) -> Result<Self, crate::config::ConfigError> {
+        let allow = http::destination::Allow::parse(&settings.http.allow)
+            .map_err(|e| crate::config::ConfigError::new(format!("jobs.http.allow: {e}")))?;
+        Ok(Self { http: http::Clients::new(allow) })
+    }
+}
+
 /// What a handler gets besides its payload.
 #[derive(Debug, Clone)]
 pub struct JobContext {
@@ -94,13 +109,25 @@ pub struct JobContext {
     pub attempt: i32,
     cancel: CancellationToken,
     progress: watch::Sender<Option<u8>>,
+    resources: Resources,
 }
 
 impl JobContext {
     /// `progress` receives every [`report_progress`](Self::report_progress); the
     /// worker writes the latest value to the job.
-    pub fn new(job_id: Uuid, attempt: i32, cancel: CancellationToken, progress: watch::Sender<Option<u8>>) -> Self {
-        Self { job_id, attempt, cancel, progress }
+    pub fn new(
+        job_id: Uuid,
+        attempt: i32,
+        cancel: CancellationToken,
+        progress: watch::Sender<Option<u8>>,
+        resources: Resources,
+    ) -> Self {
+        Self { job_id, attempt, cancel, progress, resources }
+    }
+
+    /// The process's shared clients.
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// Resolves when the job should stop: cancelled by a client, or its worker is

@@ -4,6 +4,7 @@
 use serde_json::json;
 use shared::db::jobs;
 use shared::job::JobStatus;
+use shared::kinds::Resources;
 use shared::outbox::Outbox;
 use shared::queue::{Delivery, Message, Settlement};
 use shared::testing::{db, new_job};
@@ -17,7 +18,8 @@ use crate::helpers::Harness;
 fn executor(h: &Harness) -> Executor {
     let tasks = TaskTracker::new();
     let outbox = Outbox::new(h.publisher.clone(), h.pool.clone(), &tasks);
-    Executor::new(Uuid::now_v7(), h.pool.clone(), outbox, h.settings.jobs.clone(), 30, &tasks)
+    let resources = Resources::new(&h.settings.jobs).expect("valid settings");
+    Executor::new(Uuid::now_v7(), h.pool.clone(), outbox, h.settings.jobs.clone(), 30, resources, &tasks)
 }
 
 fn run_job(id: Uuid) -> Vec<u8> {
