@@ -9,7 +9,7 @@ use chrono::Utc;
 use serde_json::json;
 use shared::config::Settings;
 use shared::db::{api_keys, jobs};
-use shared::job::{Enqueued, Job, JobStatus, ListFilter, RequeueFilter, RequeueRefused};
+use shared::job::{Enqueued, Job, JobStatus, ListFilter, ListedJob, RequeueFilter, RequeueRefused};
 use shared::outbox::Outbox;
 use shared::queue::Publisher;
 use sqlx::PgPool;
@@ -155,7 +155,9 @@ pub async fn jobs(pool: &PgPool, command: JobsCommand, out: &mut impl Write) -> 
     match command {
         JobsCommand::List { status, kind, queue, tenant, limit, json } => {
             let filter = ListFilter { status, kind, queue, before: None };
-            let jobs = jobs::list(pool, tenant.as_deref(), &filter, limit).await.context("Failed to list jobs")?;
+            // Operators see every field; a page of 1 MiB results is still only `limit` of them.
+            let jobs =
+                jobs::list(pool, tenant.as_deref(), &filter, limit, i32::MAX).await.context("Failed to list jobs")?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&jobs)?)?;
             } else {
@@ -176,7 +178,7 @@ pub async fn jobs(pool: &PgPool, command: JobsCommand, out: &mut impl Write) -> 
     Ok(())
 }
 
-fn write_table(out: &mut impl Write, jobs: &[Job]) -> std::io::Result<()> {
+fn write_table(out: &mut impl Write, jobs: &[ListedJob]) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<36}  {:<12}  {:<9}  {:<10}  {:<10}  {:>7}  CREATED",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use shared::batch::Batcher;
 use shared::config::Settings;
 use shared::db::{self, jobs};
-use shared::job::{Cancel, Enqueued, Job, JobStatus, ListFilter, NewJob};
+use shared::job::{Cancel, Enqueued, Job, JobStatus, ListFilter, ListedJob, NewJob};
 use shared::outbox::Outbox;
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
@@ -34,7 +34,7 @@ pub struct Read {
 /// One page of a list.
 #[derive(Debug, serde::Serialize)]
 pub struct JobPage {
-    pub jobs: Vec<Job>,
+    pub jobs: Vec<ListedJob>,
     /// Pass as `cursor` to get the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
@@ -145,14 +145,42 @@ impl JobService {
     }
 
     /// A page of `tenant`'s jobs, newest first.
+    /// A page of `tenant`'s jobs, newest first, within `http.list_page_bytes`
+    /// of payload and result text (see [`fit`]).
     pub async fn list(&self, tenant: &str, filter: &ListFilter, limit: i64) -> Result<JobPage, ApiError> {
+        let budget = self.settings.http.list_page_bytes;
+        let inline = i32::try_from(budget / 16).unwrap_or(i32::MAX);
         // One row more than asked tells whether another page exists.
-        let mut jobs = jobs::list(&self.pool, Some(tenant), filter, limit + 1).await?;
+        let mut jobs = jobs::list(&self.pool, Some(tenant), filter, limit + 1, inline).await?;
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let more = jobs.len() > limit;
         jobs.truncate(limit);
+        fit(&mut jobs, budget);
         let next_cursor = if more { jobs.last().map(|job| job.id.to_string()) } else { None };
         Ok(JobPage { jobs, next_cursor })
+    }
+}
+
+/// Keeps a page's payloads and results within `budget` bytes of text, newest
+/// job first: a field not read for its size (over a sixteenth of the budget),
+/// or one that no longer fits, is left out and named in its item's `omitted`.
+fn fit(jobs: &mut [ListedJob], budget: usize) {
+    let mut spent = 0usize;
+    for job in jobs {
+        let sizes =
+            [("payload", job.payload_bytes, job.payload.is_some()), ("result", job.result_bytes, job.result.is_some())];
+        for (field, bytes, read) in sizes {
+            let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+            let exists = read || bytes > 0;
+            if !exists {
+                continue;
+            }
+            if read && spent.saturating_add(bytes) <= budget {
+                spent += bytes;
+            } else {
+                job.omit(field);
+            }
+        }
     }
 }
 

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 use shared::config::Settings;
-use shared::job::{MAX_PRIORITY, NewJob};
+use shared::job::{MAX_PRIORITY, NewJob, RawJson};
 use shared::kinds;
 use uuid::Uuid;
 
@@ -19,7 +18,9 @@ use crate::error::{ApiError, FieldProblem};
 pub struct SubmitRequest {
     #[serde(rename = "type")]
     pub kind: String,
-    pub payload: Option<Value>,
+    /// Kept as text: checked for size and for U+0000 by a scan of the text,
+    /// then read into the job type's own payload type; never a JSON tree.
+    pub payload: Option<RawJson>,
     pub queue: Option<String>,
     pub priority: Option<i64>,
     pub max_attempts: Option<i64>,
@@ -28,17 +29,71 @@ pub struct SubmitRequest {
     pub delay_seconds: Option<u64>,
 }
 
-/// The path of the first string (or key) in `value` holding U+0000.
-fn nul_in(value: &Value, path: &str) -> Option<String> {
-    match value {
-        Value::String(s) if s.contains('\0') => Some(path.to_owned()),
-        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| nul_in(item, &format!("{path}[{i}]"))),
-        Value::Object(fields) => fields.iter().find_map(|(key, field)| {
-            let here = format!("{path}.{key}");
-            if key.contains('\0') { Some(here) } else { nul_in(field, &here) }
-        }),
-        _ => None,
+/// Where `json` (valid JSON text) holds an escaped U+0000 (`\u0000`), which
+/// Postgres' jsonb cannot store: one pass over the bytes, whatever the shape
+/// of the value. A raw U+0000 cannot occur, JSON strings escape control
+/// characters; a backslash only occurs in strings, where it starts an escape.
+fn nul_escape(json: &str) -> Option<usize> {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1..i + 6) == Some(&b"u0000"[..]) {
+                return Some(i);
+            }
+            // Past the escaped character: `\\` must not start another escape.
+            i += 2;
+        } else {
+            i += 1;
+        }
     }
+    None
+}
+
+/// The path of the first string or key of `payload` holding U+0000, for the
+/// error (only called once [`nul_escape`] found one). One walk with a stack
+/// of path segments; a path string is only built for the one found.
+fn nul_path(payload: &RawJson) -> String {
+    enum Segment<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+    fn walk<'a>(value: &'a serde_json::Value, path: &mut Vec<Segment<'a>>) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                path.push(Segment::Index(i));
+                let found = walk(item, path);
+                if !found {
+                    path.pop();
+                }
+                found
+            }),
+            serde_json::Value::Object(fields) => fields.iter().any(|(key, field)| {
+                path.push(Segment::Key(key));
+                let found = key.contains('\0') || walk(field, path);
+                if !found {
+                    path.pop();
+                }
+                found
+            }),
+            _ => false,
+        }
+    }
+    let value: serde_json::Value = payload.parse().unwrap_or_default();
+    let mut path = Vec::new();
+    walk(&value, &mut path);
+    let mut text = "payload".to_owned();
+    for segment in path {
+        match segment {
+            Segment::Key(key) => {
+                text.push('.');
+                text.push_str(key);
+            }
+            Segment::Index(i) => text.push_str(&format!("[{i}]")),
+        }
+    }
+    text
 }
 
 /// Longest `delay_seconds` accepted: a year. Further out is a mistake, not a schedule.
@@ -54,12 +109,17 @@ impl SubmitRequest {
             let known: Vec<_> = kinds::KINDS.iter().map(|k| k.name).collect();
             problems.push(FieldProblem::new("type", format!("unknown job type; known: {}", known.join(", "))));
         }
-        let payload = self.payload.unwrap_or_else(|| Value::Object(Map::new()));
+        let payload = self.payload.unwrap_or_else(RawJson::empty_object);
+        let max = settings.jobs.payload_max_bytes;
         if !payload.is_object() {
             problems.push(FieldProblem::new("payload", "must be a JSON object"));
-        } else if let Some(path) = nul_in(&payload, "payload") {
+        } else if payload.len() > max {
+            let message = format!("is {} bytes, more than jobs.payload_max_bytes ({max})", payload.len());
+            problems.push(FieldProblem::new("payload", message));
+        } else if nul_escape(payload.get()).is_some() {
             // Postgres' jsonb cannot store U+0000; say so now rather than fail the insert.
-            problems.push(FieldProblem::new(path, "contains U+0000, which cannot be stored; remove or escape it"));
+            let message = "contains U+0000, which cannot be stored; remove it (binary data travels better as base64)";
+            problems.push(FieldProblem::new(nul_path(&payload), message));
         } else if let Some(kind) = kind
             && let Err(e) = kind.validate(&payload)
         {
@@ -124,5 +184,20 @@ impl SubmitRequest {
             idempotency_key: None,
             request_id: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_escaped_nul_is_found_and_an_escaped_backslash_is_not_one() {
+        assert_eq!(nul_escape(r#"{"a": "x\u0000y"}"#), Some(8));
+        assert_eq!(nul_escape(r#"{"a\u0000": 1}"#), Some(3));
+        assert_eq!(nul_escape(r#"{"a": "\\u0000"}"#), None, "a backslash, then the text u0000");
+        assert_eq!(nul_escape(r#"{"a": "\\\u0000"}"#), Some(9));
+        assert_eq!(nul_escape(r#"{"a": "\u00001"}"#), Some(7));
+        assert_eq!(nul_escape(r#"{"a": "\u0001"}"#), None);
     }
 }

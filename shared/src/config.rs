@@ -65,6 +65,7 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     pub ended_cache_seconds: u32,
     pub ended_cache_bytes: usize,
+    pub list_page_bytes: usize,
 }
 
 #[derive(Clone, Deserialize)]
@@ -99,6 +100,8 @@ pub struct JobSettings {
     pub timeout_seconds_limit: i32,
     pub retry_backoff_base_ms: u64,
     pub retry_backoff_cap_ms: u64,
+    pub payload_max_bytes: usize,
+    pub result_max_bytes: usize,
     pub http: HttpJobSettings,
 }
 
@@ -221,6 +224,7 @@ impl Settings {
             "amqp.heartbeat_seconds must be at least 1: without heartbeats a frozen worker keeps its messages".into()
         })?;
         check(self.http.body_limit_bytes >= 1024, || "http.body_limit_bytes must be at least 1024".into())?;
+        check(self.http.list_page_bytes >= 1024, || "http.list_page_bytes must be at least 1024".into())?;
         check(self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32, || {
             "auth.jwt_hs256_secret must be at least 32 bytes (or empty to turn HS256 off)".into()
         })?;
@@ -239,6 +243,9 @@ impl Settings {
         check(jobs.retry_backoff_base_ms >= 1 && jobs.retry_backoff_base_ms <= jobs.retry_backoff_cap_ms, || {
             "jobs.retry_backoff_base_ms must be at least 1 and at most jobs.retry_backoff_cap_ms".into()
         })?;
+        check(jobs.payload_max_bytes >= 2, || "jobs.payload_max_bytes must be at least 2 (`{}`)".into())?;
+        check(jobs.result_max_bytes >= 4, || "jobs.result_max_bytes must be at least 4 (`null`)".into())?;
+        check(jobs.result_max_bytes <= i32::MAX as usize, || "jobs.result_max_bytes must be below 2 GiB".into())?;
         if let Err(e) = crate::kinds::http::destination::Allow::parse(&jobs.http.allow) {
             return Err(ConfigError(format!("jobs.http.allow: {e}")));
         }

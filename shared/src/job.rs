@@ -7,8 +7,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// Where a job is in its life. Moves between states are guarded updates in
@@ -90,6 +92,79 @@ impl TryFrom<String> for JobStatus {
     }
 }
 
+/// JSON kept as text: a payload or a result as it arrived (or as Postgres
+/// gives it back), never parsed into a tree. A tree of small values costs
+/// many times its text (a 1 MiB `[0,0,…]` is ~16 MiB as a `Value`), so the
+/// API and workers carry the text and only a handler parses it, into its own
+/// payload type.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// `text` if it is one JSON value.
+    pub fn from_text(text: String) -> serde_json::Result<Self> {
+        RawValue::from_string(text).map(Self)
+    }
+
+    /// `value` as JSON text.
+    pub fn of(value: &impl Serialize) -> serde_json::Result<Self> {
+        serde_json::value::to_raw_value(value).map(Self)
+    }
+
+    /// `{}`, the payload of a job submitted without one.
+    pub fn empty_object() -> Self {
+        Self::from_text("{}".to_owned()).unwrap_or_else(|_| unreachable!("{{}} is JSON"))
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Its size in bytes, as text.
+    pub fn len(&self) -> usize {
+        self.0.get().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.get().is_empty()
+    }
+
+    /// Whether it is a JSON object.
+    pub fn is_object(&self) -> bool {
+        self.0.get().trim_start().starts_with('{')
+    }
+
+    /// Parses it into `T`.
+    pub fn parse<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// As a tree: for tests and small values only.
+    pub fn value(&self) -> Value {
+        self.parse().unwrap_or(Value::Null)
+    }
+}
+
+impl PartialEq for RawJson {
+    /// Equal when they say the same, however they are spaced.
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get() || self.value() == other.value()
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl std::fmt::Display for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
 /// Why an attempt failed, as stored in `jobs.error` and shown to clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobFailure {
@@ -134,7 +209,7 @@ pub struct Job {
     pub queue: String,
     #[serde(rename = "type")]
     pub kind: String,
-    pub payload: Value,
+    pub payload: RawJson,
     pub status: JobStatus,
     pub priority: i16,
     pub attempt: i32,
@@ -142,7 +217,7 @@ pub struct Job {
     pub timeout_seconds: i32,
     pub run_at: DateTime<Utc>,
     pub progress: Option<i16>,
-    pub result: Option<Value>,
+    pub result: Option<RawJson>,
     pub error: Option<JobFailure>,
     pub idempotency_key: Option<String>,
     pub request_id: Option<String>,
@@ -156,6 +231,55 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A job as a list shows it: its payload and result only when small enough to
+/// fit the page, else `null` and named in `omitted` (GET the job for them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedJob {
+    pub id: Uuid,
+    pub tenant: String,
+    pub queue: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub payload: Option<RawJson>,
+    pub status: JobStatus,
+    pub priority: i16,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_seconds: i32,
+    pub run_at: DateTime<Utc>,
+    pub progress: Option<i16>,
+    pub result: Option<RawJson>,
+    pub error: Option<JobFailure>,
+    pub idempotency_key: Option<String>,
+    pub request_id: Option<String>,
+    pub requeue_count: i32,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    /// The fields left out of this item for their size: `payload`, `result`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub omitted: Vec<String>,
+    /// Sizes of the payload and result as JSON text (0 for no result).
+    #[serde(skip)]
+    pub payload_bytes: i32,
+    #[serde(skip)]
+    pub result_bytes: i32,
+}
+
+impl ListedJob {
+    /// Leaves the payload or the result out of the item.
+    pub fn omit(&mut self, field: &str) {
+        match field {
+            "payload" => self.payload = None,
+            "result" => self.result = None,
+            _ => return,
+        }
+        self.omitted.push(field.to_owned());
+    }
+}
+
 /// A validated submission, ready to insert.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -163,7 +287,7 @@ pub struct NewJob {
     pub tenant: String,
     pub queue: String,
     pub kind: String,
-    pub payload: Value,
+    pub payload: RawJson,
     pub priority: i16,
     pub max_attempts: i32,
     pub timeout_seconds: i32,
@@ -212,7 +336,7 @@ pub struct Claimed {
     pub tenant: String,
     pub queue: String,
     pub kind: String,
-    pub payload: Value,
+    pub payload: RawJson,
     pub attempt: i32,
     pub max_attempts: i32,
     pub timeout_seconds: i32,
@@ -238,7 +362,7 @@ pub struct Lease {
 /// How a running attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded(Value),
+    Succeeded(RawJson),
     /// Failed with attempts left: waits in `retrying` until `retry_at`.
     Retrying {
         error: JobFailure,

@@ -12,10 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::Value;
 use shared::config::JobSettings;
 use shared::db::jobs;
-use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome};
+use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome, RawJson};
 use shared::kinds::{self, JobContext, JobError, Resources};
 use shared::outbox::Outbox;
 use shared::queue::{Delivery, Message, QueueError};
@@ -80,7 +79,7 @@ pub struct Executor {
 /// How a handler run ended, before it is turned into an [`Outcome`].
 #[derive(Debug)]
 enum Ran {
-    Returned(Result<Value, JobError>),
+    Returned(Result<RawJson, JobError>),
     Panicked(String),
     TimedOut,
 }
@@ -341,6 +340,16 @@ impl Executor {
 
     fn after(&self, job: &Claimed, ran: Ran, stop: Option<Stop>) -> After {
         let failure = |kind: FailureKind, message: String| JobFailure { message, kind, attempt: job.attempt };
+        // A result too large to keep fails the attempt for good: running it
+        // again would make the same result.
+        let max = self.settings.result_max_bytes;
+        let ran = match ran {
+            Ran::Returned(Ok(result)) if result.len() > max => Ran::Returned(Err(JobError::Permanent(format!(
+                "the result is {} bytes, more than jobs.result_max_bytes ({max})",
+                result.len()
+            )))),
+            ran => ran,
+        };
         // A handler that finished its work before it noticed a stop keeps its result.
         let ran = match (ran, stop) {
             (Ran::Returned(Ok(result)), _) => return After::Finish(Outcome::Succeeded(result)),

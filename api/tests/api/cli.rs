@@ -190,7 +190,7 @@ async fn jobs_are_listed_shown_and_pruned_from_the_cli(_: PgPoolOptionsUnused, c
             .expect("json");
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
     let shown = stdout(&api(&app, &["jobs", "show", &echo.id.to_string()]).await);
-    assert!(shown.contains("status:        succeeded") && shown.contains(r#"result:        {"k":"v"}"#), "{shown}");
+    assert!(shown.contains("status:        succeeded") && shown.contains(r#"result:        {"k": "v"}"#), "{shown}");
     let shown: Value =
         serde_json::from_str(&stdout(&api(&app, &["jobs", "show", &echo.id.to_string(), "--json"]).await))
             .expect("json");

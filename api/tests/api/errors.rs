@@ -5,7 +5,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with};
 use crate::submit::PgPoolOptionsUnused;
 
 /// Sends a request and checks the answer is a problem+json with `status`;
@@ -67,7 +67,8 @@ async fn a_body_not_declared_as_json_is_415(_: PgPoolOptionsUnused, connect: PgC
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_body_over_the_limit_is_413(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let app = spawn_app(connect).await;
+    // The body limit alone: payloads may be as large as the body here.
+    let app = spawn_app_with(connect, |s| s.jobs.payload_max_bytes = s.http.body_limit_bytes).await;
     let limit = app.settings.http.body_limit_bytes;
     assert_eq!(limit, 1024 * 1024, "the default limit is 1 MiB");
     // A valid job whose payload pushes the body one byte past the limit.
@@ -87,6 +88,26 @@ async fn a_body_over_the_limit_is_413(_: PgPoolOptionsUnused, connect: PgConnect
     // One byte less is fine.
     let fits = format!("{prefix}{}{suffix}", "x".repeat(limit - prefix.len() - suffix.len()));
     assert_eq!(post_raw(&app, Some("application/json"), fits).send().await.expect("sent").status(), 202);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_payload_over_its_own_limit_is_422_within_the_body_limit(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    let max = app.settings.jobs.payload_max_bytes;
+    assert_eq!(max, 256 * 1024, "the default payload limit is 256 KiB");
+    let payload = |len: usize| json!({"blob": "x".repeat(len - r#"{"blob":""}"#.len())});
+    let body = problem(
+        &app,
+        app.client.post(app.url("/v1/jobs")).json(&json!({"type": "echo", "payload": payload(max + 1)})),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(body["errors"][0]["field"], "payload");
+    assert!(body["errors"][0]["message"].as_str().is_some_and(|m| m.contains("jobs.payload_max_bytes")), "{body}");
+    assert_eq!(app.job_count().await, 0);
+    let fits = app.submit(&json!({"type": "echo", "payload": payload(max)})).await;
+    assert_eq!(fits.status(), 202);
     app.stop().await;
 }
 

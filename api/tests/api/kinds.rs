@@ -23,7 +23,7 @@ async fn noop_and_echo_succeed_with_their_results(_: PgPoolOptionsUnused, connec
     assert_eq!((noop.status, noop.attempt, noop.result), (JobStatus::Succeeded, 1, None), "noop returns nothing");
     assert!(noop.started_at.is_some() && noop.finished_at.is_some());
     let echo = app.wait_terminal(echo.id).await;
-    assert_eq!((echo.status, echo.result), (JobStatus::Succeeded, Some(payload)));
+    assert_eq!((echo.status, echo.result.map(|r| r.value())), (JobStatus::Succeeded, Some(payload)));
     app.stop().await;
 }
 
@@ -43,7 +43,7 @@ async fn sleep_reports_progress_while_running_and_succeeds(_: PgPoolOptionsUnuse
     let done = app.wait_terminal(job.id).await;
     assert_eq!(done.status, JobStatus::Succeeded);
     assert_eq!(done.progress, Some(100));
-    assert_eq!(done.result, Some(json!({"slept_ms": 1500})));
+    assert_eq!(done.result.map(|r| r.value()), Some(json!({"slept_ms": 1500})));
     let ran = done.finished_at.zip(done.started_at).map(|(f, s)| (f - s).num_milliseconds());
     assert!(ran.is_some_and(|ms| ms >= 1500), "slept for real: {ran:?}");
     app.stop().await;
@@ -99,7 +99,10 @@ async fn fail_fails_permanently_or_waits_for_a_retry(_: PgPoolOptionsUnused, con
     assert_eq!(exhausted.error.map(|e| e.kind), Some(FailureKind::Retryable), "retryable, but no attempts left");
 
     let enough = app.wait_terminal(enough.id).await;
-    assert_eq!((enough.status, enough.result), (JobStatus::Succeeded, Some(json!({"succeeded_on_attempt": 1}))));
+    assert_eq!(
+        (enough.status, enough.result.map(|r| r.value())),
+        (JobStatus::Succeeded, Some(json!({"succeeded_on_attempt": 1})))
+    );
     app.stop().await;
 }
 
@@ -118,7 +121,7 @@ async fn hash_returns_the_iterated_sha256(_: PgPoolOptionsUnused, connect: PgCon
             app.submit_ok(&json!({"type": "hash", "payload": {"input": "conveyor", "iterations": iterations}})).await;
         let done = app.wait_terminal(job.id).await;
         assert_eq!(done.status, JobStatus::Succeeded);
-        assert_eq!(done.result, Some(json!({"digest": digest})), "{iterations} iterations");
+        assert_eq!(done.result.map(|r| r.value()), Some(json!({"digest": digest})), "{iterations} iterations");
     }
     app.stop().await;
 }
@@ -141,7 +144,7 @@ async fn http_makes_a_real_request_and_classifies_the_answer(_: PgPoolOptionsUnu
         .await;
     let done = app.wait_terminal(job.id).await;
     assert_eq!(done.status, JobStatus::Succeeded);
-    assert_eq!(done.result, Some(json!({"status": 200, "body": "answered 200"})));
+    assert_eq!(done.result.map(|r| r.value()), Some(json!({"status": 200, "body": "answered 200"})));
     let received = endpoint.received();
     assert_eq!(received.len(), 1);
     assert_eq!((received[0].method.as_str(), received[0].path.as_str()), ("PUT", "/hooks/1"));
@@ -182,4 +185,19 @@ fn hold_retries(settings: &mut shared::config::Settings) {
     settings.jobs.retry_backoff_base_ms = 60_000;
     settings.jobs.retry_backoff_cap_ms = 60_000;
     settings.worker.reconcile_interval_ms = 60_000;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_result_over_its_limit_fails_the_job_for_good(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app_with(connect, |s| s.jobs.result_max_bytes = 1000).await;
+    app.spawn_worker(&["default"], 1);
+    let job = app.submit_ok(&json!({"type": "echo", "payload": {"blob": "x".repeat(2000)}})).await;
+    let done = app.wait_terminal(job.id).await;
+    assert_eq!((done.status, done.attempt, done.result), (JobStatus::Failed, 1, None));
+    let error = done.error.expect("an error");
+    assert_eq!(error.kind, FailureKind::Permanent);
+    assert!(error.message.contains("jobs.result_max_bytes"), "{}", error.message);
+    let fits = app.submit_ok(&json!({"type": "echo", "payload": {"blob": "x".repeat(900)}})).await;
+    assert_eq!(app.wait_terminal(fits.id).await.status, JobStatus::Succeeded);
+    app.stop().await;
 }

@@ -89,3 +89,47 @@ async fn filters_select_by_status_type_and_queue(_: PgPoolOptionsUnused, connect
     assert!(set(page(&app, "type=unknown").await).is_empty());
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn large_payloads_and_results_are_left_out_of_a_page_with_a_marker(
+    _: PgPoolOptionsUnused,
+    connect: PgConnectOptions,
+) {
+    // A page carries 16 KiB of payload and result text; a field over 1 KiB is never inlined.
+    let mut app = crate::helpers::spawn_app_with(connect, |s| s.http.list_page_bytes = 16 * 1024).await;
+    app.spawn_worker(&["default"], 4);
+    let echo = |bytes: usize| json!({"type": "echo", "payload": {"blob": "x".repeat(bytes)}});
+    let large = app.submit_ok(&echo(4000)).await.id;
+    let mut medium = Vec::new();
+    for _ in 0..12 {
+        medium.push(app.submit_ok(&echo(900)).await.id);
+    }
+    for id in medium.iter().chain([&large]) {
+        assert_eq!(app.wait_terminal(*id).await.status, JobStatus::Succeeded);
+    }
+
+    let listed = page(&app, "limit=50").await;
+    let jobs = listed["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 13);
+    let by_id = |id: Uuid| jobs.iter().find(|job| job["id"] == id.to_string()).expect("listed");
+    // Over the per-field bound: left out, said so, the rest of the item is there.
+    let item = by_id(large);
+    assert_eq!((&item["payload"], &item["result"]), (&Value::Null, &Value::Null));
+    assert_eq!(item["omitted"], json!(["payload", "result"]));
+    assert_eq!(item["status"], "succeeded");
+    // Medium ones fill the page, newest first (each ~1.8 KiB of payload and
+    // result: eight fit in 16 KiB), then are left out too.
+    let inlined: Vec<bool> = medium.iter().rev().map(|id| by_id(*id).get("omitted").is_none()).collect();
+    assert_eq!(inlined.iter().filter(|inlined| **inlined).count(), 8, "{inlined:?}");
+    assert!(inlined.windows(2).all(|w| w[0] || !w[1]), "the newest are inlined first: {inlined:?}");
+    for id in &medium {
+        let item = by_id(*id);
+        if item.get("omitted").is_none() {
+            assert_eq!(item["payload"]["blob"].as_str().map(str::len), Some(900));
+        }
+    }
+    // GET has them whole.
+    let whole = app.get_job(large).await;
+    assert_eq!(whole.result.map(|r| r.len() > 4000), Some(true));
+    app.stop().await;
+}

@@ -22,7 +22,7 @@ async fn a_submitted_job_is_committed_and_published_before_202(_: PgPoolOptionsU
     assert_eq!(location, format!("/v1/jobs/{}", job.id));
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!((job.kind.as_str(), job.queue.as_str(), job.tenant.as_str()), ("echo", "default", "default"));
-    assert_eq!(job.payload, json!({"x": 1}));
+    assert_eq!(job.payload.value(), json!({"x": 1}));
     assert_eq!((job.priority, job.attempt, job.max_attempts, job.timeout_seconds), (0, 0, 5, 300));
     // Durable at 202: the row is committed and the message is already in
     // RabbitMQ (confirmed; no worker is running to take it).

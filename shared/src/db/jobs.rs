@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
@@ -16,8 +15,8 @@ use uuid::Uuid;
 use super::leadership::Term;
 use super::{Error, Result};
 use crate::job::{
-    Cancel, Claimed, Enqueued, Job, JobFailure, JobStatus, Lease, ListFilter, NewJob, Outcome, RequeueFilter,
-    RequeueRefused,
+    Cancel, Claimed, Enqueued, Job, JobFailure, JobStatus, Lease, ListFilter, ListedJob, NewJob, Outcome, RawJson,
+    RequeueFilter, RequeueRefused,
 };
 
 /// Inserts a job: `scheduled` when its `run_at` is in the future (by the
@@ -30,17 +29,17 @@ pub async fn insert(db: impl PgExecutor<'_>, job: &NewJob) -> Result<Job> {
 /// Inserts many jobs in one statement (see [`insert`]); returns them in the
 /// order given.
 pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec<Job>> {
-    let payloads: Vec<Json<&Value>> = jobs.iter().map(|j| Json(&j.payload)).collect();
+    let payloads: Vec<&str> = jobs.iter().map(|j| j.payload.get()).collect();
     let inserted = sqlx::query_as!(
         Job,
         r#"
         WITH inserted AS (
-            INSERT INTO jobs (id, tenant, queue, type, payload, status, priority, max_attempts,
+            INSERT INTO jobs (id, tenant, queue, type, payload, payload_bytes, status, priority, max_attempts,
                               timeout_seconds, run_at, idempotency_key, request_id)
-            SELECT id, tenant, queue, type, payload,
+            SELECT id, tenant, queue, type, payload::jsonb, octet_length(payload),
                    CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
                    priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id
-            FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int2[], $7::int4[],
+            FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::int4[],
                         $8::int4[], $9::timestamptz[], $10::text[], $11::text[])
                  AS t(id, tenant, queue, type, payload, priority, max_attempts, timeout_seconds, run_at,
                       idempotency_key, request_id)
@@ -48,10 +47,10 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         pending AS (
             INSERT INTO outbox (job_id, created_at)
             SELECT id, updated_at FROM inserted WHERE status = 'queued')
-        SELECT id AS "id!", tenant AS "tenant!", queue AS "queue!", type AS "kind!", payload AS "payload!",
+        SELECT id AS "id!", tenant AS "tenant!", queue AS "queue!", type AS "kind!", payload::text AS "payload!: RawJson",
                status AS "status!: JobStatus", priority AS "priority!", attempt AS "attempt!",
                max_attempts AS "max_attempts!", timeout_seconds AS "timeout_seconds!", run_at AS "run_at!",
-               progress, result, error AS "error: JobFailure", idempotency_key, request_id,
+               progress, result::text AS "result: RawJson", error AS "error: JobFailure", idempotency_key, request_id,
                requeue_count AS "requeue_count!", cancel_requested_at, created_at AS "created_at!",
                started_at, finished_at, updated_at AS "updated_at!"
         FROM inserted
@@ -60,7 +59,7 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         &jobs.iter().map(|j| j.tenant.clone()).collect::<Vec<_>>(),
         &jobs.iter().map(|j| j.queue.clone()).collect::<Vec<_>>(),
         &jobs.iter().map(|j| j.kind.clone()).collect::<Vec<_>>(),
-        &payloads as _,
+        &payloads as &[&str],
         &jobs.iter().map(|j| j.priority).collect::<Vec<_>>(),
         &jobs.iter().map(|j| j.max_attempts).collect::<Vec<_>>(),
         &jobs.iter().map(|j| j.timeout_seconds).collect::<Vec<_>>(),
@@ -103,7 +102,7 @@ pub async fn requeue_one(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> Res
         r#"
         WITH moved AS (
             UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(),
-                            started_at = NULL, finished_at = NULL, result = NULL, progress = NULL,
+                            started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = $1 AND tenant = $2 AND status IN ('failed', 'cancelled')
             RETURNING id, queue, priority, updated_at),
@@ -151,7 +150,7 @@ pub async fn requeue_exactly(
         r#"
         WITH moved AS (
             UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(),
-                            started_at = NULL, finished_at = NULL, result = NULL, progress = NULL,
+                            started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = ANY($1) AND status IN ('failed', 'cancelled')
             RETURNING id, queue, priority, updated_at),
@@ -211,7 +210,7 @@ pub async fn requeue_batch(
         r#"
         WITH moved AS (
             UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(),
-                            started_at = NULL, finished_at = NULL, result = NULL, progress = NULL,
+                            started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id IN (SELECT id FROM jobs
                          WHERE status = $1 AND id > $2
@@ -251,8 +250,8 @@ pub async fn cancel(db: &PgPool, tenant: &str, id: Uuid) -> Result<Cancel> {
                             error = jsonb_build_object('message', 'cancelled by request', 'kind', 'cancelled',
                                                        'attempt', attempt)
             WHERE id = $1 AND tenant = $2 AND status IN ('scheduled', 'queued', 'retrying')
-            RETURNING id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-                      max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
+            RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", status AS "status: JobStatus", priority, attempt,
+                      max_attempts, timeout_seconds, run_at, progress, result::text AS "result: RawJson", error AS "error: JobFailure",
                       idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
                       finished_at, updated_at
             "#,
@@ -269,8 +268,8 @@ pub async fn cancel(db: &PgPool, tenant: &str, id: Uuid) -> Result<Cancel> {
             r#"
             UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()
             WHERE id = $1 AND tenant = $2 AND status = 'running'
-            RETURNING id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-                      max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
+            RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", status AS "status: JobStatus", priority, attempt,
+                      max_attempts, timeout_seconds, run_at, progress, result::text AS "result: RawJson", error AS "error: JobFailure",
                       idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
                       finished_at, updated_at
             "#,
@@ -305,8 +304,8 @@ pub async fn get_scoped(db: impl PgExecutor<'_>, tenant: Option<&str>, id: Uuid)
     let job = sqlx::query_as!(
         Job,
         r#"
-        SELECT id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-               max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
+        SELECT id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", status AS "status: JobStatus", priority, attempt,
+               max_attempts, timeout_seconds, run_at, progress, result::text AS "result: RawJson", error AS "error: JobFailure",
                idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
                finished_at, updated_at
         FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
@@ -361,25 +360,41 @@ pub async fn prune_count(db: impl PgExecutor<'_>, statuses: &[JobStatus], before
 }
 
 /// A page of jobs, newest first: `tenant`'s, or every tenant's when `None`
-/// (operators).
+/// (operators). A payload or result larger than `inline_bytes` is not read
+/// (it comes back `None`, its size given), so a page of jobs with huge
+/// results costs no more than their ids.
 ///
 /// Four statements, one per walk: a tenant's jobs by the (tenant, id) index,
 /// or by the (tenant, status, id) index when a status is asked for, and the
 /// same across tenants. Type and queue are filters applied during the walk;
 /// the cursor is always a bound on the index (the largest id when there is
 /// none), never an `IS NULL OR`, which would turn it into a filter.
-pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>, filter: &ListFilter, limit: i64) -> Result<Vec<Job>> {
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant: Option<&str>,
+    filter: &ListFilter,
+    limit: i64,
+    inline_bytes: i32,
+) -> Result<Vec<ListedJob>> {
     let before = filter.before.unwrap_or(Uuid::max());
     let (kind, queue) = (filter.kind.as_deref(), filter.queue.as_deref());
     let jobs = match (tenant, filter.status) {
         (Some(tenant), Some(status)) => {
             sqlx::query_as!(
-                Job,
+                ListedJob,
                 r#"
-                SELECT id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-                       max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
-                       idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
-                       finished_at, updated_at
+                SELECT id, tenant, queue, type AS kind,
+                       CASE WHEN COALESCE(payload_bytes, octet_length(payload::text)) <= $7
+                            THEN payload::text END AS "payload: RawJson",
+                       COALESCE(payload_bytes, octet_length(payload::text)) AS "payload_bytes!",
+                       status AS "status: JobStatus", priority, attempt, max_attempts, timeout_seconds, run_at,
+                       progress,
+                       CASE WHEN COALESCE(result_bytes, octet_length(result::text)) <= $7
+                            THEN result::text END AS "result: RawJson",
+                       COALESCE(result_bytes, octet_length(result::text), 0) AS "result_bytes!",
+                       error AS "error: JobFailure", idempotency_key, request_id, requeue_count,
+                       cancel_requested_at, created_at, started_at, finished_at, updated_at,
+                       ARRAY[]::text[] AS "omitted!"
                 FROM jobs
                 WHERE tenant = $1 AND status = $2 AND id < $3
                   AND ($4::text IS NULL OR type = $4) AND ($5::text IS NULL OR queue = $5)
@@ -391,18 +406,27 @@ pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>, filter: &ListFi
                 kind,
                 queue,
                 limit,
+                inline_bytes,
             )
             .fetch_all(db)
             .await?
         }
         (Some(tenant), None) => {
             sqlx::query_as!(
-                Job,
+                ListedJob,
                 r#"
-                SELECT id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-                       max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
-                       idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
-                       finished_at, updated_at
+                SELECT id, tenant, queue, type AS kind,
+                       CASE WHEN COALESCE(payload_bytes, octet_length(payload::text)) <= $6
+                            THEN payload::text END AS "payload: RawJson",
+                       COALESCE(payload_bytes, octet_length(payload::text)) AS "payload_bytes!",
+                       status AS "status: JobStatus", priority, attempt, max_attempts, timeout_seconds, run_at,
+                       progress,
+                       CASE WHEN COALESCE(result_bytes, octet_length(result::text)) <= $6
+                            THEN result::text END AS "result: RawJson",
+                       COALESCE(result_bytes, octet_length(result::text), 0) AS "result_bytes!",
+                       error AS "error: JobFailure", idempotency_key, request_id, requeue_count,
+                       cancel_requested_at, created_at, started_at, finished_at, updated_at,
+                       ARRAY[]::text[] AS "omitted!"
                 FROM jobs
                 WHERE tenant = $1 AND id < $2
                   AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR queue = $4)
@@ -413,18 +437,27 @@ pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>, filter: &ListFi
                 kind,
                 queue,
                 limit,
+                inline_bytes,
             )
             .fetch_all(db)
             .await?
         }
         (None, Some(status)) => {
             sqlx::query_as!(
-                Job,
+                ListedJob,
                 r#"
-                SELECT id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-                       max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
-                       idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
-                       finished_at, updated_at
+                SELECT id, tenant, queue, type AS kind,
+                       CASE WHEN COALESCE(payload_bytes, octet_length(payload::text)) <= $6
+                            THEN payload::text END AS "payload: RawJson",
+                       COALESCE(payload_bytes, octet_length(payload::text)) AS "payload_bytes!",
+                       status AS "status: JobStatus", priority, attempt, max_attempts, timeout_seconds, run_at,
+                       progress,
+                       CASE WHEN COALESCE(result_bytes, octet_length(result::text)) <= $6
+                            THEN result::text END AS "result: RawJson",
+                       COALESCE(result_bytes, octet_length(result::text), 0) AS "result_bytes!",
+                       error AS "error: JobFailure", idempotency_key, request_id, requeue_count,
+                       cancel_requested_at, created_at, started_at, finished_at, updated_at,
+                       ARRAY[]::text[] AS "omitted!"
                 FROM jobs
                 WHERE status = $1 AND id < $2
                   AND ($3::text IS NULL OR type = $3) AND ($4::text IS NULL OR queue = $4)
@@ -435,18 +468,27 @@ pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>, filter: &ListFi
                 kind,
                 queue,
                 limit,
+                inline_bytes,
             )
             .fetch_all(db)
             .await?
         }
         (None, None) => {
             sqlx::query_as!(
-                Job,
+                ListedJob,
                 r#"
-                SELECT id, tenant, queue, type AS kind, payload, status AS "status: JobStatus", priority, attempt,
-                       max_attempts, timeout_seconds, run_at, progress, result, error AS "error: JobFailure",
-                       idempotency_key, request_id, requeue_count, cancel_requested_at, created_at, started_at,
-                       finished_at, updated_at
+                SELECT id, tenant, queue, type AS kind,
+                       CASE WHEN COALESCE(payload_bytes, octet_length(payload::text)) <= $5
+                            THEN payload::text END AS "payload: RawJson",
+                       COALESCE(payload_bytes, octet_length(payload::text)) AS "payload_bytes!",
+                       status AS "status: JobStatus", priority, attempt, max_attempts, timeout_seconds, run_at,
+                       progress,
+                       CASE WHEN COALESCE(result_bytes, octet_length(result::text)) <= $5
+                            THEN result::text END AS "result: RawJson",
+                       COALESCE(result_bytes, octet_length(result::text), 0) AS "result_bytes!",
+                       error AS "error: JobFailure", idempotency_key, request_id, requeue_count,
+                       cancel_requested_at, created_at, started_at, finished_at, updated_at,
+                       ARRAY[]::text[] AS "omitted!"
                 FROM jobs
                 WHERE id < $1 AND ($2::text IS NULL OR type = $2) AND ($3::text IS NULL OR queue = $3)
                 ORDER BY id DESC LIMIT $4
@@ -455,6 +497,7 @@ pub async fn list(db: impl PgExecutor<'_>, tenant: Option<&str>, filter: &ListFi
                 kind,
                 queue,
                 limit,
+                inline_bytes,
             )
             .fetch_all(db)
             .await?
@@ -485,7 +528,8 @@ pub async fn claim_many(
                         progress = NULL, lease_owner = $2, lease_token = gen_random_uuid(),
                         lease_expires_at = now() + make_interval(secs => $3)
         WHERE id = ANY($1) AND status = 'queued'
-        RETURNING id, tenant, queue, type AS kind, payload, attempt, max_attempts, timeout_seconds, request_id,
+        RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", attempt, max_attempts, timeout_seconds,
+                  request_id,
                   lease_token AS "lease_token!"
         "#,
         ids,
@@ -700,7 +744,7 @@ pub async fn finish_many(db: impl PgExecutor<'_>, outcomes: &[(Lease, &Outcome)]
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for (lease, outcome) in outcomes {
         let (result, error, retry_at) = match outcome {
-            Outcome::Succeeded(result) => (Some(Json(result)), None, None),
+            Outcome::Succeeded(result) => (Some(result.get()), None, None),
             Outcome::Retrying { error, retry_at } => (None, Some(Json(error)), Some(*retry_at)),
             Outcome::Failed(error) | Outcome::Cancelled(error) => (None, Some(Json(error)), None),
         };
@@ -715,12 +759,13 @@ pub async fn finish_many(db: impl PgExecutor<'_>, outcomes: &[(Lease, &Outcome)]
         r#"
         UPDATE jobs SET status = CASE WHEN o.status = 'retrying' AND jobs.cancel_requested_at IS NOT NULL
                                       THEN 'cancelled' ELSE o.status END,
-                        result = o.result, error = COALESCE(o.error, jobs.error),
+                        result = o.result::jsonb, result_bytes = octet_length(o.result),
+                        error = COALESCE(o.error, jobs.error),
                         run_at = COALESCE(o.retry_at, jobs.run_at),
                         finished_at = CASE WHEN o.status = 'retrying' AND jobs.cancel_requested_at IS NULL
                                            THEN NULL ELSE now() END,
                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-        FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[])
+        FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[])
              AS o(id, token, status, result, error, retry_at)
         WHERE jobs.id = o.id AND jobs.lease_token = o.token AND jobs.status = 'running'
         RETURNING jobs.id

@@ -1,5 +1,6 @@
 //! How the job model's own types are stored: a status as its name (`text`),
-//! a failure as JSON (`jsonb`). Written by hand rather than derived so that
+//! a failure as JSON (`jsonb`), raw JSON as the text of a `jsonb` (statements
+//! select `payload::text`, so nothing is ever decoded into a tree). Written by hand rather than derived so that
 //! the model stays free of storage attributes.
 
 use sqlx::encode::IsNull;
@@ -8,7 +9,7 @@ use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 use sqlx::types::Json;
 use sqlx::{Decode, Encode, Postgres, Type};
 
-use crate::job::{JobFailure, JobStatus};
+use crate::job::{JobFailure, JobStatus, RawJson};
 
 impl Type<Postgres> for JobStatus {
     fn type_info() -> PgTypeInfo {
@@ -45,5 +46,21 @@ impl Type<Postgres> for JobFailure {
 impl<'r> Decode<'r, Postgres> for JobFailure {
     fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
         Ok(<Json<Self> as Decode<Postgres>>::decode(value)?.0)
+    }
+}
+
+impl Type<Postgres> for RawJson {
+    fn type_info() -> PgTypeInfo {
+        <&str as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <&str as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for RawJson {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(RawJson::from_text(<String as Decode<Postgres>>::decode(value)?)?)
     }
 }

@@ -1,15 +1,14 @@
-//! `echo`: returns its payload as its result.
-
-use serde_json::{Map, Value};
+//! `echo`: returns its payload as its result, as the text it came as.
 
 use super::{JobContext, JobError, JobKind};
+use crate::job::RawJson;
 
 pub struct Echo;
 
 impl JobKind for Echo {
     const NAME: &'static str = "echo";
-    type Payload = Map<String, Value>;
-    type Output = Map<String, Value>;
+    type Payload = RawJson;
+    type Output = RawJson;
 
     async fn run(payload: Self::Payload, _: JobContext) -> Result<Self::Output, JobError> {
         Ok(payload)

@@ -13,10 +13,11 @@ use std::pin::Pin;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::job::RawJson;
 
 pub mod echo;
 pub mod fail;
@@ -152,8 +153,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// A job type with its types erased, so that all of them fit in one table.
 pub struct Kind {
     pub name: &'static str,
-    validate: fn(&Value) -> Result<(), FieldError>,
-    run: fn(Value, JobContext) -> BoxFuture<Result<Value, JobError>>,
+    validate: fn(&RawJson) -> Result<(), FieldError>,
+    run: fn(RawJson, JobContext) -> BoxFuture<Result<RawJson, JobError>>,
 }
 
 impl Kind {
@@ -162,12 +163,12 @@ impl Kind {
     }
 
     /// Checks a submitted payload against the type.
-    pub fn validate(&self, payload: &Value) -> Result<(), FieldError> {
+    pub fn validate(&self, payload: &RawJson) -> Result<(), FieldError> {
         (self.validate)(payload)
     }
 
     /// Runs one attempt; a payload that no longer fits the type fails permanently.
-    pub fn run(&self, payload: Value, ctx: JobContext) -> BoxFuture<Result<Value, JobError>> {
+    pub fn run(&self, payload: RawJson, ctx: JobContext) -> BoxFuture<Result<RawJson, JobError>> {
         (self.run)(payload, ctx)
     }
 }
@@ -178,8 +179,10 @@ impl std::fmt::Debug for Kind {
     }
 }
 
-fn parse<K: JobKind>(payload: &Value) -> Result<K::Payload, FieldError> {
-    let payload: K::Payload = serde_path_to_error::deserialize(payload).map_err(|e| {
+/// The typed payload, straight from the text: no tree is built on the way.
+fn parse<K: JobKind>(payload: &RawJson) -> Result<K::Payload, FieldError> {
+    let mut text = serde_json::Deserializer::from_str(payload.get());
+    let payload: K::Payload = serde_path_to_error::deserialize(&mut text).map_err(|e| {
         let path = field_path(e.path(), e.inner());
         FieldError::new(path, e.into_inner().to_string())
     })?;
@@ -202,16 +205,16 @@ pub fn field_path(path: &serde_path_to_error::Path, error: &impl std::fmt::Displ
     }
 }
 
-fn validate_erased<K: JobKind>(payload: &Value) -> Result<(), FieldError> {
+fn validate_erased<K: JobKind>(payload: &RawJson) -> Result<(), FieldError> {
     parse::<K>(payload).map(drop)
 }
 
-fn run_erased<K: JobKind>(payload: Value, ctx: JobContext) -> BoxFuture<Result<Value, JobError>> {
+fn run_erased<K: JobKind>(payload: RawJson, ctx: JobContext) -> BoxFuture<Result<RawJson, JobError>> {
     Box::pin(async move {
         let payload = parse::<K>(&payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload at {:?}: {}", e.path, e.message)))?;
         let output = K::run(payload, ctx).await?;
-        serde_json::to_value(output).map_err(|e| JobError::Permanent(format!("result is not JSON: {e}")))
+        RawJson::of(&output).map_err(|e| JobError::Permanent(format!("result is not JSON: {e}")))
     })
 }
 
@@ -231,7 +234,8 @@ mod tests {
 
     #[test]
     fn a_payload_mismatch_names_the_field() {
-        let sleep = find("sleep").map(|k| k.validate(&serde_json::json!({"ms": "soon"})));
+        let payload = RawJson::of(&serde_json::json!({"ms": "soon"})).expect("json");
+        let sleep = find("sleep").map(|k| k.validate(&payload));
         let Some(Err(err)) = sleep else { panic!("accepted: {sleep:?}") };
         assert_eq!(err.path, "ms");
     }

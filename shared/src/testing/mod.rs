@@ -82,7 +82,10 @@ pub fn new_job(kind: &str, payload: serde_json::Value) -> crate::job::NewJob {
         tenant: "default".to_owned(),
         queue: "default".to_owned(),
         kind: kind.to_owned(),
-        payload,
+        payload: match crate::job::RawJson::of(&payload) {
+            Ok(payload) => payload,
+            Err(e) => panic!("a test payload is JSON: {e}"),
+        },
         priority: 0,
         max_attempts: 5,
         timeout_seconds: 60,

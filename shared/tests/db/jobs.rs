@@ -6,9 +6,13 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::db::{self, jobs};
-use shared::job::{Cancel, FailureKind, JobFailure, JobStatus, Outcome, RequeueRefused};
+use shared::job::{Cancel, FailureKind, JobFailure, JobStatus, Outcome, RawJson, RequeueRefused};
 use shared::testing::{db as inspect, lead, new_job};
 use uuid::Uuid;
+
+fn raw(value: serde_json::Value) -> RawJson {
+    RawJson::of(&value).expect("json")
+}
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_job_postgres_refuses_fails_alone_not_its_whole_batch(pool: sqlx::PgPool) {
@@ -69,14 +73,17 @@ async fn a_zombie_workers_late_writes_are_rejected(pool: sqlx::PgPool) {
 
     // Z wakes up: nothing it writes lands, before or after L's outcome.
     assert!(!jobs::set_progress(pool, zombie, 50).await.expect("query"));
-    assert!(!jobs::finish(pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
+    assert!(!jobs::finish(pool, zombie, &Outcome::Succeeded(raw(json!("zombie")))).await.expect("query"));
     assert!(jobs::renew(pool, &[zombie], 30).await.expect("query").is_empty(), "Z learns its lease is gone");
-    assert!(jobs::finish(pool, live, &Outcome::Succeeded(json!("live"))).await.expect("query"));
-    assert!(!jobs::finish(pool, zombie, &Outcome::Succeeded(json!("zombie"))).await.expect("query"));
+    assert!(jobs::finish(pool, live, &Outcome::Succeeded(raw(json!("live")))).await.expect("query"));
+    assert!(!jobs::finish(pool, zombie, &Outcome::Succeeded(raw(json!("zombie")))).await.expect("query"));
     assert!(jobs::release(pool, zombie).await.expect("query").is_none());
 
     let done = jobs::get(pool, "default", job.id).await.expect("query").expect("exists");
-    assert_eq!((done.status, done.attempt, done.result), (JobStatus::Succeeded, 2, Some(json!("live"))));
+    assert_eq!(
+        (done.status, done.attempt, done.result.map(|r| r.value())),
+        (JobStatus::Succeeded, 2, Some(json!("live")))
+    );
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -86,7 +93,8 @@ async fn a_requeue_by_ids_moves_all_or_none(pool: sqlx::PgPool) {
         let job = jobs::insert(pool, &new_job("noop", json!({}))).await.expect("insert");
         let claimed = jobs::claim(pool, job.id, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
         let error = JobFailure { message: "boom".to_owned(), kind: FailureKind::Permanent, attempt: 1 };
-        let outcome = if status == JobStatus::Failed { Outcome::Failed(error) } else { Outcome::Succeeded(json!({})) };
+        let outcome =
+            if status == JobStatus::Failed { Outcome::Failed(error) } else { Outcome::Succeeded(raw(json!({}))) };
         assert!(jobs::finish(pool, claimed.lease(), &outcome).await.expect("finish"));
         job.id
     };
