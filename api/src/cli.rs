@@ -166,8 +166,17 @@ pub fn parse_age(s: &str) -> Result<chrono::Duration, String> {
         "w" => chrono::Duration::try_weeks(n),
         _ => return Err(format!("{s:?} has no unit: use s, m, h, d or w (e.g. 24h)")),
     };
-    age.filter(|age| *age > chrono::Duration::zero()).ok_or_else(|| format!("{s:?} is not a positive age"))
+    let age =
+        age.filter(|age| *age > chrono::Duration::zero()).ok_or_else(|| format!("{s:?} is not a positive age"))?;
+    // Far enough back for any history, near enough that `now - age` is a time.
+    if age > chrono::Duration::days(MAX_AGE_DAYS) {
+        return Err(format!("{s:?} is longer than {MAX_AGE_DAYS} days"));
+    }
+    Ok(age)
 }
+
+/// The longest age taken: a century.
+const MAX_AGE_DAYS: i64 = 36_525;
 
 #[cfg(test)]
 mod tests {
@@ -178,7 +187,7 @@ mod tests {
         assert_eq!(parse_age("90s"), Ok(chrono::Duration::seconds(90)));
         assert_eq!(parse_age("24h"), Ok(chrono::Duration::hours(24)));
         assert_eq!(parse_age("7d"), Ok(chrono::Duration::days(7)));
-        for bad in ["", "7", "d", "7y", "-1d", "0h", "1.5h"] {
+        for bad in ["", "7", "d", "7y", "-1d", "0h", "1.5h", "99999999d", "99999999999999999999s", "36526d"] {
             assert!(parse_age(bad).is_err(), "{bad:?} accepted");
         }
     }

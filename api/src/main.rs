@@ -19,7 +19,8 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes, joined.
-            eprintln!("api: {}", format!("{e:#}").replace('\n', " "));
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("api: {}", shared::redact::secrets(&line));
             ExitCode::FAILURE
         }
     }

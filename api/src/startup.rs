@@ -78,7 +78,7 @@ impl Application {
         let settings = Arc::new(settings);
         let outbox = Outbox::new(publisher.clone(), pool.clone(), &tasks);
         let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, &tasks);
-        let state = web::Data::new(AppState { settings, pool, publisher, jobs });
+        let state = web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default() });
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

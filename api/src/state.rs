@@ -8,6 +8,7 @@ use shared::config::Settings;
 use shared::queue::Publisher;
 use sqlx::PgPool;
 
+use crate::routes::health::Readiness;
 use crate::service::JobService;
 
 pub struct AppState {
@@ -16,4 +17,6 @@ pub struct AppState {
     /// For readiness and queue depths; jobs are published by the service.
     pub publisher: Publisher,
     pub jobs: JobService,
+    /// `/readyz`'s last answer, reused for a second.
+    pub readiness: Readiness,
 }

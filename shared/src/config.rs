@@ -38,7 +38,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
@@ -47,7 +47,7 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: String,
@@ -76,6 +76,30 @@ pub struct AuthSettings {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub key_cache_ttl_ms: u64,
+}
+
+/// Hand-written so that the URL's password never reaches a log.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &crate::redact::secrets(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout_ms", &self.acquire_timeout_ms)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+/// Hand-written so that the URL's password never reaches a log.
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &crate::redact::secrets(&self.url))
+            .field("namespace", &self.namespace)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .field("heartbeat_seconds", &self.heartbeat_seconds)
+            .finish()
+    }
 }
 
 /// Hand-written so that the JWT secret never reaches a log.
@@ -401,6 +425,21 @@ mod tests {
         assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("database.url"));
         assert!(error_of(&[("AMQP_URL", "amqp://h:port/v")]).contains("amqp.url"));
         assert!(error_of(&[("CONVEYOR__JOBS__HTTP__ALLOW", "10.0.0.0/8,intranet")]).contains("jobs.http.allow"));
+    }
+
+    #[test]
+    fn settings_printed_for_debugging_show_no_password() {
+        let s = Settings::from_layers(
+            None,
+            &env(&[
+                ("DATABASE_URL", "postgres://app:pg-s3cret@db/conveyor"),
+                ("AMQP_URL", "amqp://app:mq-s3cret@mq/%2f"),
+            ]),
+        )
+        .expect("valid");
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("postgres://app:***@db/conveyor") && printed.contains("amqp://app:***@mq/%2f"));
     }
 
     #[test]

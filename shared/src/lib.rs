@@ -11,6 +11,7 @@
 //! - [`db`]: the storage layer: every SQL statement, checked at compile time, and its error type.
 //! - [`outbox`]: publishing committed jobs and recording the confirms, in batches.
 //! - [`scope`]: what a token may do.
+//! - [`redact`]: passwords kept out of logs and errors.
 //! - [`queue`]: the RabbitMQ message, topology, publisher, and the deliveries a worker consumes.
 //! - [`signal`]: SIGINT/SIGTERM handling.
 //! - [`telemetry`]: logging set-up.
@@ -24,6 +25,7 @@ pub mod job;
 pub mod kinds;
 pub mod outbox;
 pub mod queue;
+pub mod redact;
 pub mod scope;
 pub mod signal;
 pub mod telemetry;

@@ -1,26 +1,38 @@
-//! Scopes: what a token may do. `jobs:read`, `jobs:write`, and `admin`,
-//! which grants the other two. Stored with each API key, carried in JWTs.
+//! Scopes: what a token may do. Stored with each API key, carried in JWTs.
+//!
+//! | scope | grants |
+//! | --- | --- |
+//! | `jobs:read` | read the tenant's jobs |
+//! | `jobs:write` | submit and cancel the tenant's jobs |
+//! | `admin` | the two above, and requeue the tenant's jobs: a tenant's admin |
+//! | `operator` | platform-wide views (queues across tenants, workers and their hosts); nothing of any tenant's jobs |
+//!
+//! `admin` is the most a tenant's key gets: nothing a tenant holds shows it
+//! other tenants or the platform's machines. `operator` is for the people
+//! running Conveyor, given only by `api keys create --scopes operator`.
 
 use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-/// A permission. `admin` includes the other two.
+/// A permission (see the module's table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     JobsRead,
     JobsWrite,
     Admin,
+    Operator,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Scope::JobsRead, Scope::JobsWrite, Scope::Admin];
+    pub const ALL: [Scope; 4] = [Scope::JobsRead, Scope::JobsWrite, Scope::Admin, Scope::Operator];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::JobsRead => "jobs:read",
             Self::JobsWrite => "jobs:write",
             Self::Admin => "admin",
+            Self::Operator => "operator",
         }
     }
 
@@ -29,6 +41,15 @@ impl Scope {
             Self::JobsRead => 1,
             Self::JobsWrite => 2,
             Self::Admin => 4,
+            Self::Operator => 8,
+        }
+    }
+
+    /// The scopes that grant this one: itself, and `admin` for a tenant's own work.
+    const fn granted_by(self) -> u8 {
+        match self {
+            Self::JobsRead | Self::JobsWrite | Self::Admin => self.bit() | Self::Admin.bit(),
+            Self::Operator => self.bit(),
         }
     }
 
@@ -46,9 +67,9 @@ impl Scopes {
         Self(scopes.iter().fold(0, |bits, scope| bits | scope.bit()))
     }
 
-    /// Whether these scopes grant `scope`; `admin` grants everything.
+    /// Whether these scopes grant `scope`; `admin` grants the tenant's scopes, not `operator`.
     pub fn grant(self, scope: Scope) -> bool {
-        self.0 & (scope.bit() | Scope::Admin.bit()) != 0
+        self.0 & scope.granted_by() != 0
     }
 
     pub fn names(self) -> Vec<&'static str> {
@@ -74,7 +95,7 @@ impl Serialize for Scopes {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown scope {0:?} (known: jobs:read, jobs:write, admin)")]
+#[error("unknown scope {0:?} (known: jobs:read, jobs:write, admin, operator)")]
 pub struct UnknownScope(String);
 
 impl TryFrom<Vec<String>> for Scopes {
@@ -101,9 +122,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn admin_grants_every_scope_and_others_only_themselves() {
+    fn admin_grants_a_tenants_scopes_and_others_only_themselves() {
         let admin = Scopes::of(&[Scope::Admin]);
-        assert!(Scope::ALL.into_iter().all(|s| admin.grant(s)));
+        assert!([Scope::JobsRead, Scope::JobsWrite, Scope::Admin].into_iter().all(|s| admin.grant(s)));
+        assert!(!admin.grant(Scope::Operator), "a tenant's admin sees nothing platform-wide");
+        let operator = Scopes::of(&[Scope::Operator]);
+        assert!(operator.grant(Scope::Operator) && !operator.grant(Scope::JobsRead) && !operator.grant(Scope::Admin));
         let read = Scopes::of(&[Scope::JobsRead]);
         assert!(read.grant(Scope::JobsRead) && !read.grant(Scope::JobsWrite) && !read.grant(Scope::Admin));
     }

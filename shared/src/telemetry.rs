@@ -1,5 +1,6 @@
 //! Logging set-up shared by both binaries: `tracing` to stderr, pretty or
-//! JSON by configuration, filtered by `RUST_LOG` (default `info`, Postgres notices at `warn`).
+//! JSON by configuration, filtered by `RUST_LOG` (default `info`, Postgres notices at `warn`),
+//! passwords in URLs masked.
 
 use tracing_subscriber::EnvFilter;
 
@@ -20,7 +21,10 @@ pub fn init_quiet(format: LogFormat) {
 
 fn install(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Every line passes through the password filter: errors from sqlx or lapin
+    // may quote the URL they were given.
+    let writer = || crate::redact::Redacting(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),

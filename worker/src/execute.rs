@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use shared::config::JobSettings;
-use shared::db::jobs;
+use shared::db::jobs::{self, Released};
 use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome, RawJson};
 use shared::kinds::{self, JobContext, JobError, Resources};
 use shared::outbox::Outbox;
@@ -74,7 +74,19 @@ pub struct Executor {
     resources: Resources,
     lease_seconds: i32,
     running: Mutex<HashMap<Uuid, Running>>,
+    /// Cancel requests for jobs not running here (yet): a notification can
+    /// arrive between a job's claim and its registration here, and must not
+    /// wait for the next heartbeat. Requests for other workers' jobs land here
+    /// too; each is kept for [`PENDING_CANCEL_TTL`].
+    pending_cancels: Mutex<HashMap<Uuid, std::time::Instant>>,
 }
+
+/// How long a cancel request for a job not running here is kept.
+const PENDING_CANCEL_TTL: Duration = Duration::from_secs(10);
+
+/// Pending cancel requests kept at most (a flood of cancels for other
+/// workers' jobs must not grow without bound).
+const PENDING_CANCELS_MAX: usize = 10_000;
 
 /// How a handler run ended, before it is turned into an [`Outcome`].
 #[derive(Debug)]
@@ -116,6 +128,7 @@ impl Executor {
             settings,
             lease_seconds,
             running: Mutex::new(HashMap::new()),
+            pending_cancels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -138,8 +151,38 @@ impl Executor {
 
     /// A client asked to cancel job `id`.
     pub fn cancel(&self, id: Uuid) {
-        // Whichever run it is: a cancel is of the job, not of one run.
-        self.stop(id, None, Stop::Cancelled);
+        let running = self.running.lock().is_ok_and(|running| running.contains_key(&id));
+        if running {
+            // Whichever run it is: a cancel is of the job, not of one run.
+            self.stop(id, None, Stop::Cancelled);
+        } else if let Ok(mut pending) = self.pending_cancels.lock() {
+            if pending.len() >= PENDING_CANCELS_MAX {
+                pending.retain(|_, at| at.elapsed() < PENDING_CANCEL_TTL);
+                if pending.len() >= PENDING_CANCELS_MAX {
+                    pending.clear();
+                }
+            }
+            pending.insert(id, std::time::Instant::now());
+        }
+    }
+
+    /// Whether a cancel of `id` arrived before it ran here.
+    fn cancel_pending(&self, id: Uuid) -> bool {
+        self.pending_cancels
+            .lock()
+            .ok()
+            .and_then(|mut pending| pending.remove(&id))
+            .is_some_and(|at| at.elapsed() < PENDING_CANCEL_TTL)
+    }
+
+    /// Stops every running handler whose lease can no longer be renewed: past
+    /// the lease, the job may be rescued and run elsewhere, and two copies of
+    /// it must not run for long. Their outcomes will be discarded.
+    pub fn abandon_all(&self) {
+        let ids: Vec<Uuid> = self.running.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+        for id in ids {
+            self.stop(id, None, Stop::LeaseLost);
+        }
     }
 
     /// Tells every running handler to stop so that its job can be handed back.
@@ -243,6 +286,9 @@ impl Executor {
         if let Ok(mut running) = self.running.lock() {
             running.insert(job.id, Running { token: job.lease_token, cancel: cancel.clone(), stop: stop.clone() });
         }
+        if self.cancel_pending(job.id) {
+            self.stop(job.id, Some(job.lease_token), Stop::Cancelled);
+        }
         let ran = match kinds::find(&job.kind) {
             Some(kind) => self.run_handler(kind, &job, lease, cancel).await,
             None => Ran::Returned(Err(JobError::Permanent(format!("unknown job type {:?}", job.kind)))),
@@ -254,15 +300,15 @@ impl Executor {
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match self.after(&job, ran, Stop::from_u8(stop.load(Ordering::SeqCst))) {
-            After::Finish(outcome) => self.finish(lease, outcome, elapsed_ms).await,
+            After::Finish(outcome) => self.finish(lease, job.attempt, outcome, elapsed_ms).await,
             After::Release => self.release(lease).await,
             After::Abandon => tracing::warn!(elapsed_ms, "lease lost while running; the outcome is discarded"),
         }
     }
 
-    async fn finish(&self, lease: Lease, outcome: Outcome, elapsed_ms: u64) {
-        let status = outcome.status();
-        for attempt in 1..=FINISH_ATTEMPTS {
+    async fn finish(&self, lease: Lease, attempt: i32, mut outcome: Outcome, elapsed_ms: u64) {
+        let mut status = outcome.status();
+        for try_ in 1..=FINISH_ATTEMPTS {
             match self.outcomes.write(lease, outcome.clone()).await {
                 Ok(true) => {
                     tracing::info!(%status, elapsed_ms, "job finished");
@@ -274,9 +320,18 @@ impl Executor {
                     tracing::warn!(%status, "outcome discarded: this run no longer holds the job's lease");
                     return;
                 }
+                // Postgres will not store this outcome (a value it cannot hold):
+                // writing it again cannot help, and leaving it would run the job
+                // again and again. The attempt fails for good, saying why.
+                Err(e @ shared::db::Error::Refused(_)) if !matches!(outcome, Outcome::Failed(_)) => {
+                    tracing::warn!(error = %e, "the outcome cannot be stored; failing the job");
+                    let message = format!("the job's outcome could not be stored: {e}");
+                    outcome = Outcome::Failed(JobFailure { message, kind: FailureKind::Permanent, attempt });
+                    status = outcome.status();
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, try_ = attempt, "could not record outcome; retrying");
-                    tokio::time::sleep(DB_ERROR_BACKOFF * attempt).await;
+                    tracing::warn!(error = %e, try_, "could not record outcome; retrying");
+                    tokio::time::sleep(DB_ERROR_BACKOFF * try_).await;
                 }
             }
         }
@@ -286,10 +341,11 @@ impl Executor {
     /// Hands an interrupted job back: queued again and published at once.
     async fn release(&self, lease: Lease) {
         match jobs::release(&self.pool, lease).await {
-            Ok(Some(job)) => {
+            Ok(Some(Released::Queued(job))) => {
                 tracing::info!("handed back unfinished at shutdown");
                 self.outbox.publish(vec![job]).await;
             }
+            Ok(Some(Released::Cancelled)) => tracing::info!("stopped at shutdown, and cancelled as requested"),
             Ok(None) => tracing::warn!("could not hand back: this run no longer holds the job's lease"),
             Err(e) => tracing::warn!(error = %e, "could not hand back; the lease will expire and the job be retried"),
         }

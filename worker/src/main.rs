@@ -17,7 +17,8 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("worker: {e:#}");
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("worker: {}", shared::redact::secrets(&line));
             ExitCode::FAILURE
         }
     }

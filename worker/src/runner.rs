@@ -109,6 +109,7 @@ impl Worker {
             self.pool.clone(),
             self.config.clone(),
             self.settings.worker.heartbeat(),
+            Duration::from_secs(u64::from(self.settings.worker.lease_seconds)),
             executor.clone(),
             held.clone(),
             background_stop.clone(),
@@ -267,16 +268,20 @@ async fn consume_queue(
 /// Registers the worker, then every `interval` records that it is alive and
 /// what it holds, and renews the leases of its running jobs (stopping those
 /// cancelled or lost meanwhile), until `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat(
     id: Uuid,
     pool: PgPool,
     config: WorkerConfig,
     interval: Duration,
+    lease: Duration,
     executor: Arc<Executor>,
     held: Held,
     stop: CancellationToken,
 ) {
     let host = host_name();
+    // When the leases were last renewed (or known to need none).
+    let mut renewed = tokio::time::Instant::now();
     let concurrency = i32::from(config.concurrency);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -285,8 +290,14 @@ async fn heartbeat(
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if let Err(e) = executor.renew_leases().await {
-            tracing::warn!(worker.id = %id, error = %e, "could not renew leases");
+        match executor.renew_leases().await {
+            Ok(()) => renewed = tokio::time::Instant::now(),
+            Err(e) if renewed.elapsed() > lease => {
+                // The leases have lapsed: the jobs may be rescued and run elsewhere.
+                tracing::warn!(worker.id = %id, error = %e, unrenewed = ?renewed.elapsed(), "leases lapsed unrenewed; stopping their handlers");
+                executor.abandon_all();
+            }
+            Err(e) => tracing::warn!(worker.id = %id, error = %e, "could not renew leases"),
         }
         let in_flight = i32::try_from(executor.in_flight()).unwrap_or(i32::MAX);
         let held = held.snapshot();

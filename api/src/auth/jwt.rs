@@ -20,18 +20,25 @@ pub struct Verifier {
     keys: Vec<(Algorithm, DecodingKey, Validation)>,
 }
 
+/// What a token must say. A configured issuer or audience is required, not
+/// only checked when present: a token minted for another issuer or service
+/// that simply leaves the claim out must not pass. `nbf` is honoured.
 fn validation(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
     let mut validation = Validation::new(algorithm);
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    let mut required = vec!["exp", "sub"];
     validation.leeway = 30;
+    validation.validate_nbf = true;
     if !settings.jwt_issuer.is_empty() {
         validation.set_issuer(&[&settings.jwt_issuer]);
+        required.push("iss");
     }
     if settings.jwt_audience.is_empty() {
         validation.validate_aud = false;
     } else {
         validation.set_audience(&[&settings.jwt_audience]);
+        required.push("aud");
     }
+    validation.set_required_spec_claims(&required);
     validation
 }
 
@@ -59,6 +66,10 @@ impl Verifier {
         let invalid = |e: jsonwebtoken::errors::Error| {
             let reason = match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the JWT has expired".to_owned(),
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => "the JWT is not valid yet (nbf)".to_owned(),
+                jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) => {
+                    format!("the JWT lacks the {claim} claim, which this server requires")
+                }
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => "the JWT's signature is invalid".to_owned(),
                 _ => format!("invalid JWT: {e}"),
             };
@@ -76,8 +87,10 @@ impl Verifier {
             )));
         };
         let claims = decode::<Claims>(token, key, validation).map_err(invalid)?.claims;
-        if claims.sub.is_empty() {
-            return Err(ApiError::Unauthorized("the JWT has an empty sub (tenant)".into()));
+        // The tenant names a key space of its own (jobs, keys, logs): the same
+        // rule as for API keys' tenants.
+        if !shared::config::is_name(&claims.sub) {
+            return Err(ApiError::Unauthorized("the JWT's sub (the tenant) must be 1-64 of [a-zA-Z0-9_-]".into()));
         }
         Ok(Caller { tenant: claims.sub, scopes: Scopes::lenient(claims.scope.split_whitespace()) })
     }

@@ -38,9 +38,9 @@ impl Caller {
         if self.scopes.grant(scope) {
             Ok(self)
         } else {
+            let or_admin = if scope == Scope::Operator { "" } else { " (or admin)" };
             Err(ApiError::Forbidden(format!(
-                "this token lacks the {scope} scope; use a key created with `api keys create --scopes {scope}` \
-                 (or admin)",
+                "this token lacks the {scope} scope; use a key created with `api keys create --scopes {scope}`{or_admin}",
                 scope = scope.as_str()
             )))
         }
@@ -56,8 +56,10 @@ pub trait RequiredScope {
 pub struct JobsRead;
 /// Needs `jobs:write`.
 pub struct JobsWrite;
-/// Needs `admin`.
+/// Needs `admin` (a tenant's admin).
 pub struct Admin;
+/// Needs `operator` (platform-wide views).
+pub struct Operator;
 
 impl RequiredScope for JobsRead {
     const SCOPE: Scope = Scope::JobsRead;
@@ -67,6 +69,9 @@ impl RequiredScope for JobsWrite {
 }
 impl RequiredScope for Admin {
     const SCOPE: Scope = Scope::Admin;
+}
+impl RequiredScope for Operator {
+    const SCOPE: Scope = Scope::Operator;
 }
 
 /// A caller holding scope `S`; dereferences to the [`Caller`].
@@ -118,6 +123,11 @@ pub struct Authenticator {
     jwt: Option<jwt::Verifier>,
     ttl: Duration,
     cache: RwLock<HashMap<String, (StoredKey, Instant)>>,
+    /// Well-formed prefixes no live key has, for as long as a key is cached:
+    /// a client hammering with a made-up or revoked key costs one query per
+    /// `ttl`, not one per request. Apart from the keys, so that a flood of
+    /// misses never evicts them.
+    misses: RwLock<HashMap<String, Instant>>,
 }
 
 /// More cached keys than this and the cache starts over: keys are few, so this
@@ -132,6 +142,7 @@ impl Authenticator {
             jwt: jwt::Verifier::new(settings)?,
             ttl: Duration::from_millis(settings.key_cache_ttl_ms),
             cache: RwLock::new(HashMap::new()),
+            misses: RwLock::new(HashMap::new()),
         })
     }
 
@@ -167,17 +178,30 @@ impl Authenticator {
         {
             return Ok(Some(key.clone()));
         }
+        if let Ok(misses) = self.misses.read()
+            && misses.get(prefix).is_some_and(|at| at.elapsed() < self.ttl)
+        {
+            return Ok(None);
+        }
         let key = api_keys::find_live(&self.pool, prefix).await?;
-        if let Ok(mut cache) = self.cache.write() {
-            match &key {
-                Some(key) => {
+        match &key {
+            Some(key) => {
+                if let Ok(mut cache) = self.cache.write() {
                     if cache.len() >= CACHE_LIMIT {
                         cache.clear();
                     }
                     cache.insert(prefix.to_owned(), (key.clone(), Instant::now()));
                 }
-                None => {
+            }
+            None => {
+                if let Ok(mut cache) = self.cache.write() {
                     cache.remove(prefix);
+                }
+                if let Ok(mut misses) = self.misses.write() {
+                    if misses.len() >= CACHE_LIMIT {
+                        misses.clear();
+                    }
+                    misses.insert(prefix.to_owned(), Instant::now());
                 }
             }
         }

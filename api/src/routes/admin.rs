@@ -1,4 +1,5 @@
-//! Operator routes (admin scope): queues and workers across all tenants.
+//! Operator routes (`operator` scope): queues across all tenants, workers
+//! and their hosts. A tenant's `admin` does not see them.
 
 use std::collections::BTreeMap;
 
@@ -6,7 +7,7 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use shared::db::{queues, workers};
 
-use crate::auth::{Admin, Authorized};
+use crate::auth::{Authorized, Operator};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -24,7 +25,7 @@ struct QueueView {
 }
 
 /// `GET /v1/queues`: per configured queue, its RabbitMQ depth and consumers and its jobs by status.
-pub async fn queues(_: Authorized<Admin>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn queues(_: Authorized<Operator>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut counts = queues::job_counts(&state.pool).await?;
     let mut views = Vec::with_capacity(state.settings.queues.len());
     for (name, queue) in &state.settings.queues {
@@ -45,7 +46,7 @@ pub async fn queues(_: Authorized<Admin>, state: web::Data<AppState>) -> Result<
 }
 
 /// `GET /v1/workers`: workers that heartbeat within the last three intervals.
-pub async fn workers(_: Authorized<Admin>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn workers(_: Authorized<Operator>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let within = i32::try_from(state.settings.worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX);
     let live = workers::live(&state.pool, within).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "workers": live })))

@@ -15,11 +15,36 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// 200 when Postgres and RabbitMQ both answer, else 503 naming which does not.
+/// How long a readiness answer is reused: probes may come often, from
+/// anyone (no auth), and each real one costs a query and a broker round trip.
+const READINESS_TTL: Duration = Duration::from_secs(1);
+
+/// The last readiness answer: when, and whether Postgres and RabbitMQ were up.
+#[derive(Debug, Default)]
+pub struct Readiness(std::sync::Mutex<Option<(std::time::Instant, bool, bool)>>);
+
+impl Readiness {
+    async fn check(&self, state: &AppState) -> (bool, bool) {
+        if let Ok(last) = self.0.lock()
+            && let Some((at, postgres, rabbitmq)) = *last
+            && at.elapsed() < READINESS_TTL
+        {
+            return (postgres, rabbitmq);
+        }
+        let postgres = tokio::time::timeout(PROBE_TIMEOUT, shared::db::ping(&state.pool)).await;
+        let postgres = matches!(postgres, Ok(Ok(_)));
+        let rabbitmq = tokio::time::timeout(PROBE_TIMEOUT, state.publisher.is_ready()).await.unwrap_or(false);
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some((std::time::Instant::now(), postgres, rabbitmq));
+        }
+        (postgres, rabbitmq)
+    }
+}
+
+/// 200 when Postgres and RabbitMQ both answer, else 503 naming which does not;
+/// the answer is reused for a second.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let postgres = tokio::time::timeout(PROBE_TIMEOUT, shared::db::ping(&state.pool)).await;
-    let postgres = matches!(postgres, Ok(Ok(_)));
-    let rabbitmq = tokio::time::timeout(PROBE_TIMEOUT, state.publisher.is_ready()).await.unwrap_or(false);
+    let (postgres, rabbitmq) = state.readiness.check(&state).await;
     let word = |up: bool| if up { "up" } else { "down" };
     let body = json!({
         "status": if postgres && rabbitmq { "ready" } else { "unavailable" },

@@ -96,6 +96,12 @@ pub async fn list(
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?
         .into_inner();
     let mut problems = Vec::new();
+    // Postgres cannot compare against text holding U+0000: a 400, not a 500.
+    for (name, value) in [("type", &query.kind), ("queue", &query.queue)] {
+        if value.as_deref().is_some_and(|v| v.contains('\0')) {
+            problems.push(FieldProblem::new(name, "must not contain U+0000"));
+        }
+    }
     let status = match query.status.as_deref().map(str::parse::<JobStatus>) {
         None => None,
         Some(Ok(status)) => Some(status),

@@ -5,13 +5,40 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{TestApp, spawn_app_with, wait_until};
+use api::auth::Scope;
+
+use crate::helpers::{TestApp, client_with, key, spawn_app_with, wait_until};
 use crate::submit::PgPoolOptionsUnused;
 
+/// GET as an operator (the test app's own key is a tenant's admin).
 async fn get(app: &TestApp, path: &str) -> Value {
-    let response = app.client.get(app.url(path)).send().await.expect("sent");
+    let operator = client_with(&key(&app.pool, "ops", &[Scope::Operator]).await);
+    let response = operator.get(app.url(path)).send().await.expect("sent");
     assert_eq!(response.status(), 200, "{path}");
     response.json().await.expect("json")
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn platform_views_need_the_operator_scope_which_sees_no_jobs(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app_with(connect, |_| {}).await;
+    // The app's own client is the `default` tenant's admin.
+    for path in ["/v1/queues", "/v1/workers"] {
+        let response = app.client.get(app.url(path)).send().await.expect("sent");
+        assert_eq!(response.status(), 403, "{path}");
+        let problem: Value = response.json().await.expect("problem");
+        assert!(problem["detail"].as_str().is_some_and(|d| d.contains("--scopes operator")), "{problem}");
+    }
+    let operator = client_with(&key(&app.pool, "ops", &[Scope::Operator]).await);
+    assert_eq!(operator.get(app.url("/v1/queues")).send().await.expect("sent").status(), 200);
+    for (method, path) in [("GET", "/v1/jobs"), ("POST", "/v1/jobs")] {
+        let request = if method == "GET" {
+            operator.get(app.url(path))
+        } else {
+            operator.post(app.url(path)).json(&json!({"type": "noop"}))
+        };
+        assert_eq!(request.send().await.expect("sent").status(), 403, "{method} {path}");
+    }
+    app.stop().await;
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]

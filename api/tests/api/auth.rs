@@ -86,14 +86,14 @@ async fn a_read_only_key_reads_but_cannot_submit(_: PgPoolOptionsUnused, connect
     let read = reader.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent");
     assert_eq!(read.status(), 200);
     assert_eq!(reader.get(app.url("/v1/jobs")).send().await.expect("sent").status(), 200);
-    // Write does not imply read; only admin grants everything.
+    // Write does not imply read; admin grants the tenant's scopes.
     let read = writer.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("sent");
     refused(read, StatusCode::FORBIDDEN).await;
     assert_eq!(submit_with(&app, &writer).await.status(), 202);
-    // Admin routes need admin.
+    // Platform-wide views need the operator scope, which no tenant key has.
     for path in ["/v1/queues", "/v1/workers"] {
         refused(reader.get(app.url(path)).send().await.expect("sent"), StatusCode::FORBIDDEN).await;
-        assert_eq!(app.client.get(app.url(path)).send().await.expect("sent").status(), 200, "{path}");
+        refused(app.client.get(app.url(path)).send().await.expect("sent"), StatusCode::FORBIDDEN).await;
     }
     let requeue = writer.post(app.url(&format!("/v1/jobs/{}/requeue", job.id))).send().await.expect("sent");
     refused(requeue, StatusCode::FORBIDDEN).await;
@@ -174,6 +174,46 @@ async fn jwts_are_checked_for_signature_expiry_and_algorithm(_: PgPoolOptionsUnu
     let reader = json!({"sub": "acme", "scope": "jobs:read", "exp": in_an_hour()});
     refused(submit_with(&app, &client_with(&jwt(&reader, Algorithm::HS256, &hs))).await, StatusCode::FORBIDDEN).await;
     assert_eq!(app.job_count().await, 2);
+    app.stop().await;
+}
+
+/// A change to a token's claims.
+type Edit = dyn Fn(&mut serde_json::Map<String, Value>);
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_configured_issuer_and_audience_are_required_and_nbf_and_sub_are_checked(
+    _: PgPoolOptionsUnused,
+    connect: PgConnectOptions,
+) {
+    let app = spawn_app_with(connect, |settings| {
+        settings.auth.jwt_hs256_secret = SECRET.to_owned();
+        settings.auth.jwt_issuer = "https://issuer.test".to_owned();
+        settings.auth.jwt_audience = "conveyor".to_owned();
+    })
+    .await;
+    let hs = EncodingKey::from_secret(SECRET.as_bytes());
+    let claims = |edit: &Edit| {
+        let mut claims = json!({"sub": "acme", "scope": "jobs:write", "exp": in_an_hour(),
+                                "iss": "https://issuer.test", "aud": "conveyor"});
+        if let Some(map) = claims.as_object_mut() {
+            edit(map);
+        }
+        jwt(&claims, Algorithm::HS256, &hs)
+    };
+    assert_eq!(submit_with(&app, &client_with(&claims(&|_| {}))).await.status(), 202);
+    let cases: [(&Edit, &str); 6] = [
+        (&|c| drop(c.remove("iss")), "lacks the iss claim"),
+        (&|c| drop(c.remove("aud")), "lacks the aud claim"),
+        (&|c| drop(c.insert("iss".into(), json!("https://elsewhere.test"))), "invalid JWT"),
+        (&|c| drop(c.insert("nbf".into(), json!(in_an_hour()))), "not valid yet"),
+        (&|c| drop(c.insert("sub".into(), json!("acme corp"))), "sub"),
+        (&|c| drop(c.insert("sub".into(), json!(""))), "sub"),
+    ];
+    for (edit, reason) in cases {
+        let body = refused(submit_with(&app, &client_with(&claims(edit))).await, StatusCode::UNAUTHORIZED).await;
+        assert!(body["detail"].as_str().is_some_and(|d| d.contains(reason)), "{reason}: {body}");
+    }
+    assert_eq!(app.job_count().await, 1);
     app.stop().await;
 }
 

@@ -208,3 +208,26 @@ async fn jobs_are_listed_shown_and_pruned_from_the_cli(_: PgPoolOptionsUnused, c
     fails_with(&api(&app, &["prune", "--older-than", "1d", "--status", "queued"]).await, "only finished jobs");
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_password_in_the_database_url_stays_out_of_errors(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    for url in ["postgres://conveyor:s3cr3t-db@127.0.0.1:1/x", "postgres://conveyor:s3cr3t-db@127.0.0.1:notaport/x"] {
+        for args in [&["migrate"][..], &["jobs", "list"][..]] {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
+                .args(args)
+                .env_clear()
+                .envs(shared::testing::child_env(&app.settings))
+                .env("DATABASE_URL", url)
+                .env("CONVEYOR__DATABASE__ACQUIRE_TIMEOUT_MS", "500")
+                .output()
+                .await
+                .expect("the CLI runs");
+            assert!(!output.status.success(), "{args:?} with {url}");
+            let everything = format!("{}{}", stdout(&output), stderr(&output));
+            assert!(!everything.contains("s3cr3t-db"), "{args:?}: {everything}");
+            assert!(!everything.is_empty());
+        }
+    }
+    app.stop().await;
+}

@@ -178,7 +178,7 @@ async fn unknown_routes_and_methods_answer_problems(_: PgPoolOptionsUnused, conn
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn bad_list_parameters_are_400(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     let app = spawn_app(connect).await;
-    for query in ["status=done", "limit=0", "limit=501", "limit=ten", "cursor=xyz"] {
+    for query in ["status=done", "limit=0", "limit=501", "limit=ten", "cursor=xyz", "type=%00", "queue=a%00b"] {
         let p = problem(&app, app.client.get(app.url(&format!("/v1/jobs?{query}"))), StatusCode::BAD_REQUEST).await;
         let name = query.split('=').next().unwrap_or_default();
         assert!(p["detail"].as_str().is_some_and(|d| d.contains(name)), "{query}: {p}");

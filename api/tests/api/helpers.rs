@@ -204,6 +204,7 @@ pub struct Endpoint {
     pub port: u16,
     status: std::sync::Arc<std::sync::atomic::AtomicU16>,
     location: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    body: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     server: ServerHandle,
 }
@@ -224,11 +225,12 @@ impl Endpoint {
         let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(status));
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let location = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-        let (s, r, l) = (status.clone(), received.clone(), location.clone());
+        let answer_body = std::sync::Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+        let (s, r, l, b) = (status.clone(), received.clone(), location.clone(), answer_body.clone());
         let server = HttpServer::new(move || {
-            let (s, r, l) = (s.clone(), r.clone(), l.clone());
+            let (s, r, l, b) = (s.clone(), r.clone(), l.clone(), b.clone());
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let (s, r, l) = (s.clone(), r.clone(), l.clone());
+                let (s, r, l, b) = (s.clone(), r.clone(), l.clone(), b.clone());
                 async move {
                     let headers = req
                         .headers()
@@ -249,7 +251,10 @@ impl Endpoint {
                     if let Some(location) = l.lock().ok().and_then(|l| l.clone()) {
                         answer.insert_header((actix_web::http::header::LOCATION, location));
                     }
-                    answer.body(format!("answered {}", code.as_u16()))
+                    match b.lock().ok().and_then(|b| b.clone()) {
+                        Some(bytes) => answer.body(bytes),
+                        None => answer.body(format!("answered {}", code.as_u16())),
+                    }
                 }
             }))
         })
@@ -261,7 +266,22 @@ impl Endpoint {
         let server = server.run();
         let handle = server.handle();
         tokio::spawn(server);
-        Self { url: format!("http://127.0.0.1:{port}"), port, status, location, received, server: handle }
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            status,
+            location,
+            body: answer_body,
+            received,
+            server: handle,
+        }
+    }
+
+    /// Answers every request with these bytes as the body.
+    pub fn answer_with(&self, body: &[u8]) {
+        if let Ok(mut b) = self.body.lock() {
+            *b = Some(body.to_vec());
+        }
     }
 
     /// Answers every request with `302 Found` to `location`.

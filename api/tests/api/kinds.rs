@@ -201,3 +201,17 @@ async fn a_result_over_its_limit_fails_the_job_for_good(_: PgPoolOptionsUnused, 
     assert_eq!(app.wait_terminal(fits.id).await.status, JobStatus::Succeeded);
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_answer_holding_u0000_is_stored_not_retried_forever(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app_with(connect, allow_loopback).await;
+    app.spawn_worker(&["default"], 1);
+    let endpoint = Endpoint::start(200).await;
+    endpoint.answer_with(b"before\0after");
+    let job = app.submit_ok(&json!({"type": "http", "payload": {"url": endpoint.url}})).await;
+    let done = app.wait_terminal(job.id).await;
+    assert_eq!((done.status, done.attempt), (JobStatus::Succeeded, 1));
+    assert_eq!(done.result.map(|r| r.value()), Some(json!({"status": 200, "body": "before\u{FFFD}after"})));
+    endpoint.stop().await;
+    app.stop().await;
+}

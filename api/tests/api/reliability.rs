@@ -302,6 +302,35 @@ async fn requests_fail_fast_with_503_while_postgres_is_cut_off(_: PgPoolOptionsU
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn unknown_keys_and_readiness_are_answered_from_memory_for_a_moment(
+    _: PgPoolOptionsUnused,
+    connect: PgConnectOptions,
+) {
+    let (proxy, proxied) = postgres_proxy(&connect).await;
+    let app = spawn_app_with(proxied, |s| s.database.acquire_timeout_ms = 1000).await;
+    let made_up = |byte: char| format!("cvk_{}_{}", byte.to_string().repeat(12), "0".repeat(64));
+    let status_with = |token: String| {
+        let app = &app;
+        async move { crate::helpers::client_with(&token).get(app.url("/v1/jobs")).send().await.expect("sent").status() }
+    };
+    assert_eq!(status_with(made_up('a')).await, 401);
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.expect("sent").status(), 200);
+
+    // Postgres goes away: what was just learnt is still known, without it.
+    proxy.cut();
+    assert_eq!(status_with(made_up('a')).await, 401, "a known-unknown key costs no query");
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.expect("sent").status(), 200, "readiness from memory");
+    assert_eq!(status_with(made_up('b')).await, 503, "a new key is looked up, and Postgres is away");
+    let noticed = wait_until(Duration::from_secs(5), || async {
+        app.client.get(app.url("/readyz")).send().await.expect("sent").status() == 503
+    })
+    .await;
+    assert!(noticed, "readiness kept its old answer");
+    proxy.restore();
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn workers_carry_on_after_postgres_comes_back(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
     // The workers reach Postgres through a proxy; the API and the test directly.
     let (proxy, proxied) = postgres_proxy(&connect).await;

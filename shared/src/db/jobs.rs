@@ -563,27 +563,53 @@ pub async fn renew(db: impl PgExecutor<'_>, leases: &[Lease], lease_seconds: i32
 
 /// Hands a running job back, unfinished, when its worker shuts down: queued
 /// again, the interrupted attempt not counted (it was not the job's fault).
-/// `None` if the lease is no longer held.
-pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Enqueued>> {
-    let released = sqlx::query_as!(
-        Enqueued,
+/// A job whose cancel was requested meanwhile ends cancelled instead: handing
+/// it back would run it again. `None` if the lease is no longer held.
+pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Released>> {
+    let row = sqlx::query!(
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = attempt - 1, started_at = NULL, progress = NULL,
-                            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+            UPDATE jobs SET
+                status = CASE WHEN cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+                attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
+                started_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE started_at END,
+                finished_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+                error = CASE WHEN cancel_requested_at IS NULL THEN error
+                             ELSE jsonb_build_object('message', 'cancelled by request while its worker stopped',
+                                                     'kind', 'cancelled', 'attempt', attempt) END,
+                progress = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
             WHERE id = $1 AND lease_token = $2 AND status = 'running'
-            RETURNING id, queue, priority, updated_at),
+            RETURNING id, queue, priority, updated_at, status),
         pending AS (
-            INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
+            INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved WHERE status = 'queued'
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!",
+               status AS "status!: JobStatus"
+        FROM moved
         "#,
         lease.id,
         lease.token,
     )
     .fetch_optional(db)
     .await?;
-    Ok(released)
+    Ok(row.map(|row| match row.status {
+        JobStatus::Queued => Released::Queued(Enqueued {
+            id: row.id,
+            queue: row.queue,
+            priority: row.priority,
+            queued_at: row.queued_at,
+        }),
+        _ => Released::Cancelled,
+    }))
+}
+
+/// What became of a job handed back (see [`release`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// Queued again; its message must be published.
+    Queued(Enqueued),
+    /// Its cancel had been requested: it ended cancelled.
+    Cancelled,
 }
 
 /// Reconciler: moves scheduled and retrying jobs whose time has come to

@@ -128,3 +128,36 @@ async fn a_cancel_of_a_running_job_wakes_its_worker(pool: sqlx::PgPool) {
     let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.expect("in time").expect("recv");
     assert_eq!(heard, Some(job.id.to_string()));
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_job_handed_back_at_shutdown_after_a_cancel_request_ends_cancelled(pool: sqlx::PgPool) {
+    let pool = &pool;
+    let job = jobs::insert(pool, &new_job("noop", json!({}))).await.expect("insert").id;
+    let claimed = jobs::claim(pool, job, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
+    inspect::clear_outbox(pool).await;
+    assert!(matches!(jobs::cancel(pool, "default", job).await.expect("cancel"), Cancel::Requested(_)));
+    // Its worker stops before it has told the handler.
+    assert_eq!(jobs::release(pool, claimed.lease()).await.expect("release"), Some(jobs::Released::Cancelled));
+    let done = jobs::get(pool, "default", job).await.expect("query").expect("exists");
+    assert_eq!((done.status, done.error.map(|e| e.kind)), (JobStatus::Cancelled, Some(FailureKind::Cancelled)));
+    assert_eq!(inspect::outbox_len(pool, Some(job)).await, 0, "not published again");
+
+    // Without a cancel request, a hand-back queues it again, the attempt not counted.
+    let other = jobs::insert(pool, &new_job("noop", json!({}))).await.expect("insert").id;
+    let claimed = jobs::claim(pool, other, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
+    assert!(matches!(jobs::release(pool, claimed.lease()).await.expect("release"), Some(jobs::Released::Queued(_))));
+    let back = jobs::get(pool, "default", other).await.expect("query").expect("exists");
+    assert_eq!((back.status, back.attempt), (JobStatus::Queued, 0));
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_outcome_postgres_cannot_store_is_refused_not_unavailable(pool: sqlx::PgPool) {
+    // What the worker relies on to fail such a job for good instead of retrying the write.
+    let job = jobs::insert(&pool, &new_job("noop", json!({}))).await.expect("insert").id;
+    let claimed = jobs::claim(&pool, job, Uuid::now_v7(), 30).await.expect("claim").expect("queued");
+    let unstorable = RawJson::from_text(r#"{"text": "a\u0000b"}"#.to_owned()).expect("json");
+    let written = jobs::finish(&pool, claimed.lease(), &Outcome::Succeeded(unstorable)).await;
+    assert!(matches!(written, Err(db::Error::Refused(_))), "{written:?}");
+    let error = JobFailure { message: "could not be stored".into(), kind: FailureKind::Permanent, attempt: 1 };
+    assert!(jobs::finish(&pool, claimed.lease(), &Outcome::Failed(error)).await.expect("finish"));
+}

@@ -56,3 +56,21 @@ async fn each_delivery_is_run_dropped_or_dead_lettered_and_settled_once(
     assert_eq!(settled.await, Ok(Settlement::DeadLetter));
     h.close().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_cancel_heard_before_its_job_runs_here_still_stops_it(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let h = Harness::new(connect).await;
+    let executor = executor(&h);
+    let job = jobs::insert(&h.pool, &new_job("sleep", json!({"ms": 60_000}))).await.expect("insert").id;
+    // The cancel notification comes in between the job's claim and its
+    // registration here (simulated: before the delivery is handled at all).
+    executor.cancel(job);
+    let (delivery, _settled) = Delivery::recorded(run_job(job), "default");
+    let handled = tokio::time::timeout(std::time::Duration::from_secs(10), executor.handle(delivery)).await;
+    assert!(handled.is_ok(), "the job ran on, its cancel lost");
+    assert_eq!(jobs::status(&h.pool, job).await.expect("query"), Some(JobStatus::Cancelled));
+    h.close().await;
+}

@@ -193,6 +193,12 @@ impl Logs {
             .collect()
     }
 
+    /// Every line since `mark`, as written.
+    pub fn raw_since(&self, mark: usize) -> String {
+        let lines = self.lines.lock().map(|lines| lines.get(mark..).unwrap_or_default().to_vec()).unwrap_or_default();
+        lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
+    }
+
     /// Waits (bounded) until a line since `mark` contains `text`.
     pub async fn wait_for(&self, limit: Duration, mark: usize, text: &str) {
         let start = Instant::now();

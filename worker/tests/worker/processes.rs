@@ -82,3 +82,31 @@ async fn a_worker_stopped_with_sigterm_finishes_short_jobs_and_hands_back_the_re
     survivor.await.expect("joined").expect("clean stop");
     h.close().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_worker_cut_off_from_postgres_stops_handlers_whose_leases_lapsed(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let postgres = tokio::net::lookup_host((connect.get_host(), connect.get_port()))
+        .await
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .expect("the test's Postgres resolves");
+    let proxy = shared::testing::Proxy::start(postgres).await;
+    let h = Harness::with(connect, |s| s.database.url = proxy.url_for(&s.database.url)).await;
+    let (_worker, logs) = h.spawn_logged(1);
+    let job = h.submit(1, "sleep", json!({"ms": 60_000})).await;
+    h.wait(Duration::from_secs(20), "the worker runs the job", async || h.count(JobStatus::Running, &job).await == 1)
+        .await;
+
+    let mark = logs.mark();
+    proxy.cut();
+    let lease = h.settings.worker.lease_seconds;
+    // Past the lease, the job may run elsewhere: this copy must stop.
+    let bound = Duration::from_secs(u64::from(lease) + 2 * u64::from(h.settings.worker.heartbeat_seconds) + 3);
+    logs.wait_for(bound, mark, "leases lapsed unrenewed").await;
+    logs.wait_for(Duration::from_secs(5), mark, "lease lost while running").await;
+    proxy.restore();
+    h.close().await;
+}

@@ -27,3 +27,19 @@ async fn a_queue_declared_with_other_arguments_is_named_with_the_way_out(
     }
     h.close().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_password_in_the_broker_url_stays_out_of_the_logs(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // Nothing listens on port 1: every connection attempt fails and is logged.
+    let h = Harness::with(connect, |s| s.amqp.url = "amqp://guest:s3cr3t-mq@127.0.0.1:1/%2f".to_owned()).await;
+    let (_worker, logs) = h.spawn_logged(1);
+    logs.wait_for(std::time::Duration::from_secs(20), 0, "lost RabbitMQ").await;
+    let lines = logs.messages_since(0).join("\n");
+    let raw = logs.raw_since(0);
+    assert!(!raw.contains("s3cr3t-mq"), "the password was logged: {raw}");
+    assert!(!lines.is_empty());
+    h.close().await;
+}
