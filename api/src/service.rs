@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use shared::batch::Batcher;
 use shared::config::Settings;
+use shared::db::idempotency::Keyed;
 use shared::db::{self, jobs};
 use shared::job::{Cancel, Enqueued, Job, JobStatus, ListFilter, ListedJob, NewJob};
 use shared::outbox::Outbox;
@@ -17,7 +18,7 @@ use uuid::Uuid;
 use crate::cache::{EndedJobs, Rendered};
 use crate::caching::Freshness;
 use crate::error::ApiError;
-use crate::submission::SubmitRequest;
+use crate::submission::{SubmitRequest, fingerprint};
 
 /// Submissions per insert statement at most.
 const INSERT_BATCH: usize = 256;
@@ -29,6 +30,14 @@ pub struct Read {
     pub freshness: Freshness,
     /// Seconds since it was read from Postgres, when it came from memory.
     pub age: Option<u64>,
+}
+
+/// What a submission came to: its jobs, and whether they were created by an
+/// earlier request with the same idempotency key.
+#[derive(Debug)]
+pub struct Submitted<T> {
+    pub jobs: T,
+    pub replayed: bool,
 }
 
 /// One page of a list.
@@ -68,20 +77,73 @@ impl JobService {
 
     /// Validates, commits and publishes one submission of `tenant`. Once the
     /// row is committed the job is accepted whatever happens next: a publish
-    /// that fails leaves it in the outbox, for the reconciler.
+    /// that fails leaves it in the outbox, for the reconciler. With an
+    /// idempotency key, a retry of an earlier submission gets its job back.
     pub async fn submit(
         &self,
         tenant: &str,
         request_id: Option<String>,
+        key: Option<String>,
         request: SubmitRequest,
-    ) -> Result<Job, ApiError> {
+    ) -> Result<Submitted<Job>, ApiError> {
+        let hash = key.as_ref().map(|_| fingerprint("POST /v1/jobs", [&request]));
         let mut new_job = request.validate(&self.settings, tenant.to_owned())?;
         new_job.request_id = request_id;
-        let job = self.inserter.call(new_job).await??;
-        if job.status == JobStatus::Queued {
-            self.outbox.publish(vec![Enqueued::from(&job)]).await;
+        let (Some(key), Some(hash)) = (key, hash) else {
+            let job = self.inserter.call(new_job).await??;
+            self.publish(std::slice::from_ref(&job)).await;
+            return Ok(Submitted { jobs: job, replayed: false });
+        };
+        let submitted = self.insert_keyed(tenant, key, &hash, vec![new_job]).await?;
+        let replayed = submitted.replayed;
+        let job =
+            submitted.jobs.into_iter().next().ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("a keyed submission of one job came back without it"))
+            })?;
+        Ok(Submitted { jobs: job, replayed })
+    }
+
+    /// Inserts `jobs` under idempotency key `key` in one transaction and
+    /// publishes them; or, when the key was used before by the same request
+    /// (`hash`), returns what that request created, as it is now.
+    async fn insert_keyed(
+        &self,
+        tenant: &str,
+        key: String,
+        hash: &[u8; 32],
+        mut jobs: Vec<NewJob>,
+    ) -> Result<Submitted<Vec<Job>>, ApiError> {
+        for job in &mut jobs {
+            job.idempotency_key = Some(key.clone());
         }
-        Ok(job)
+        let ttl = i64::try_from(self.settings.jobs.idempotency_ttl_seconds).unwrap_or(i64::MAX);
+        match db::idempotency::submit(&self.pool, tenant, &key, hash, ttl, &jobs).await? {
+            Keyed::Created(created) => {
+                self.publish(&created).await;
+                Ok(Submitted { jobs: created, replayed: false })
+            }
+            Keyed::Replayed(ids) => {
+                let earlier = jobs::get_many(&self.pool, tenant, &ids).await?;
+                if earlier.len() != ids.len() {
+                    return Err(ApiError::Conflict(format!(
+                        "Idempotency-Key {key:?} was used for jobs that have since been deleted; use a new key"
+                    )));
+                }
+                Ok(Submitted { jobs: earlier, replayed: true })
+            }
+            Keyed::Conflict => Err(ApiError::Conflict(format!(
+                "Idempotency-Key {key:?} was already used for a different request; use a new key for a new request"
+            ))),
+        }
+    }
+
+    /// Publishes the queued ones of jobs just inserted.
+    async fn publish(&self, inserted: &[Job]) {
+        let queued: Vec<Enqueued> =
+            inserted.iter().filter(|job| job.status == JobStatus::Queued).map(Enqueued::from).collect();
+        if !queued.is_empty() {
+            self.outbox.publish(queued).await;
+        }
     }
 
     /// One of `tenant`'s jobs, from memory when it ended and was read

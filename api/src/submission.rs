@@ -96,6 +96,32 @@ fn nul_path(payload: &RawJson) -> String {
     text
 }
 
+/// A request's fingerprint, to tell a retry from a different request under
+/// one `Idempotency-Key`: SHA-256 of its fields as given, with objects' keys
+/// sorted, so spacing and key order do not matter but any value does.
+/// `route` keeps a batch and a single submission apart.
+pub fn fingerprint<'a>(route: &str, requests: impl IntoIterator<Item = &'a SubmitRequest>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(route.as_bytes());
+    for request in requests {
+        // serde_json's maps are sorted (no `preserve_order`): the text is canonical.
+        let canonical = serde_json::json!([
+            request.kind,
+            request.payload.as_ref().map(RawJson::value),
+            request.queue,
+            request.priority,
+            request.max_attempts,
+            request.timeout_seconds,
+            request.run_at,
+            request.delay_seconds,
+        ]);
+        hash.update(b"\n");
+        hash.update(canonical.to_string().as_bytes());
+    }
+    hash.finalize().into()
+}
+
 /// Longest `delay_seconds` accepted: a year. Further out is a mistake, not a schedule.
 const MAX_DELAY_SECONDS: u64 = 366 * 24 * 3600;
 

@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// The defaults, documented key by key; the README points here.
 pub const DEFAULTS: &str = include_str!("../config.default.toml");
 
+/// Longest `jobs.idempotency_ttl_seconds` accepted: a year.
+const MAX_IDEMPOTENCY_TTL_SECONDS: u64 = 366 * 24 * 3600;
+
 /// A configuration problem, always naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -126,6 +129,8 @@ pub struct JobSettings {
     pub retry_backoff_cap_ms: u64,
     pub payload_max_bytes: usize,
     pub result_max_bytes: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl_seconds: u64,
     pub http: HttpJobSettings,
 }
 
@@ -270,6 +275,9 @@ impl Settings {
         check(jobs.payload_max_bytes >= 2, || "jobs.payload_max_bytes must be at least 2 (`{}`)".into())?;
         check(jobs.result_max_bytes >= 4, || "jobs.result_max_bytes must be at least 4 (`null`)".into())?;
         check(jobs.result_max_bytes <= i32::MAX as usize, || "jobs.result_max_bytes must be below 2 GiB".into())?;
+        check((1..=MAX_IDEMPOTENCY_TTL_SECONDS).contains(&jobs.idempotency_ttl_seconds), || {
+            format!("jobs.idempotency_ttl_seconds must be between 1 and {MAX_IDEMPOTENCY_TTL_SECONDS} (a year)")
+        })?;
         if let Err(e) = crate::kinds::http::destination::Allow::parse(&jobs.http.allow) {
             return Err(ConfigError(format!("jobs.http.allow: {e}")));
         }

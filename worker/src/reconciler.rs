@@ -241,10 +241,23 @@ impl Reconciler {
             let started = Instant::now();
             self.renew(lead, false).await?;
             self.find_lost_messages(lead).await?;
+            self.forget_expired_keys(lead).await?;
             // Never more than a tenth of the leader's time, however long the queues.
             self.next_lost_check = Instant::now() + self.heartbeat.max(started.elapsed() * 10);
         }
         Ok(())
+    }
+
+    /// Deletes expired idempotency keys (a lapsed key is already free: this
+    /// only keeps the table small), a batch at a time.
+    async fn forget_expired_keys(&self, lead: &mut Lead) -> Result<(), Interrupted> {
+        loop {
+            self.renew(lead, false).await?;
+            let deleted = db::idempotency::prune_expired(&self.pool, BATCH).await?;
+            if deleted < BATCH as u64 {
+                return Ok(());
+            }
+        }
     }
 
     /// Finds queued jobs whose messages RabbitMQ lost after confirming them,

@@ -23,9 +23,43 @@ pub async fn submit(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let key = idempotency_key(&req)?;
     let request: SubmitRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
-    let job = state.jobs.submit(&caller.tenant, RequestId::of(&req), request).await?;
-    Ok(HttpResponse::Accepted().insert_header((header::LOCATION, format!("/v1/jobs/{}", job.id))).json(&job))
+    let submitted = state.jobs.submit(&caller.tenant, RequestId::of(&req), key, request).await?;
+    let mut response = HttpResponse::Accepted();
+    response.insert_header((header::LOCATION, format!("/v1/jobs/{}", submitted.jobs.id)));
+    if submitted.replayed {
+        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    Ok(response.json(&submitted.jobs))
+}
+
+/// Longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The request's `Idempotency-Key`: 1 to 255 characters, no control
+/// characters (a UUID, typically), or a 400 saying what is wrong with it.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let mut values = req.headers().get_all(IDEMPOTENCY_KEY);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest("give one Idempotency-Key header, not several".to_owned()));
+    }
+    let key = std::str::from_utf8(value.as_bytes()).ok().filter(|key| {
+        let chars = key.chars().count();
+        (1..=MAX_IDEMPOTENCY_KEY_CHARS).contains(&chars) && !key.chars().any(char::is_control)
+    });
+    match key {
+        Some(key) => Ok(Some(key.to_owned())),
+        None => Err(ApiError::BadRequest(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters of UTF-8 text (a UUID, say)"
+        ))),
+    }
 }
 
 /// `GET /v1/jobs/{id}`, with an `ETag` (`If-None-Match` → 304) and caching

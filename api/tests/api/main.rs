@@ -10,6 +10,7 @@ mod compose;
 mod destinations;
 mod errors;
 mod helpers;
+mod idempotency;
 mod kinds;
 mod list;
 mod pipeline;

@@ -294,6 +294,26 @@ pub async fn cancel(db: &PgPool, tenant: &str, id: Uuid) -> Result<Cancel> {
     Ok(Cancel::KeptChanging)
 }
 
+/// `tenant`'s jobs with these ids, in the order of `ids` (those that exist).
+pub async fn get_many(db: impl PgExecutor<'_>, tenant: &str, ids: &[Uuid]) -> Result<Vec<Job>> {
+    let found = sqlx::query_as!(
+        Job,
+        r#"
+        SELECT id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", status AS "status: JobStatus",
+               priority, attempt, max_attempts, timeout_seconds, run_at, progress, result::text AS "result: RawJson",
+               error AS "error: JobFailure", idempotency_key, request_id, requeue_count, cancel_requested_at,
+               created_at, started_at, finished_at, updated_at
+        FROM jobs WHERE tenant = $1 AND id = ANY($2)
+        "#,
+        tenant,
+        ids,
+    )
+    .fetch_all(db)
+    .await?;
+    let mut by_id: HashMap<Uuid, Job> = found.into_iter().map(|job| (job.id, job)).collect();
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
 /// One of `tenant`'s jobs; another tenant's id is simply not found.
 pub async fn get(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> Result<Option<Job>> {
     get_scoped(db, Some(tenant), id).await

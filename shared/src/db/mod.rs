@@ -7,6 +7,7 @@
 //! - [`jobs`]: the job lifecycle: insert, claim, renew, finish, cancel, requeue, list, prune.
 //! - [`outbox`]: publishes waiting for RabbitMQ's confirm, and the sweep of those that never got one.
 //! - [`api_keys`]: API keys, stored as hashes.
+//! - [`idempotency`]: idempotency keys and what their first request created.
 //! - [`workers`]: worker registration, heartbeats and what they hold.
 //! - [`leadership`]: the reconciler's leadership and its fencing term.
 //! - [`notify`]: `LISTEN` for cancel requests and changes to ended jobs.
@@ -21,6 +22,7 @@ use sqlx::{PgPool, Postgres};
 use crate::config::DatabaseSettings;
 
 pub mod api_keys;
+pub mod idempotency;
 pub mod jobs;
 pub mod leadership;
 pub mod notify;

@@ -104,3 +104,20 @@ async fn a_leader_that_stops_cleanly_hands_over_without_waiting_for_its_term(
     b.await.expect("joined").expect("clean stop");
     h.close().await;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_leader_forgets_expired_idempotency_keys(_: sqlx::postgres::PgPoolOptions, connect: PgConnectOptions) {
+    use shared::db::idempotency;
+    let h = Harness::with(connect, |_| {}).await;
+    let job = || shared::testing::new_job("noop", json!({}));
+    idempotency::submit(&h.pool, "default", "lapsed", &[0; 32], 0, &[job()]).await.expect("keyed");
+    idempotency::submit(&h.pool, "default", "live", &[0; 32], 3600, &[job()]).await.expect("keyed");
+
+    let mut reconciler = h.reconciler();
+    let mut lead = reconciler.elect().await.expect("query").expect("nobody leads yet");
+    reconciler.pass(&mut lead).await.expect("pass");
+
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT key FROM idempotency_keys").fetch_all(&h.pool).await.expect("keys");
+    assert_eq!(keys, ["live"]);
+}
