@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::cache::{EndedJobs, Rendered};
 use crate::caching::Freshness;
 use crate::error::ApiError;
-use crate::submission::{SubmitRequest, fingerprint};
+use crate::submission::{BatchRequest, SubmitRequest, fingerprint};
 
 /// Submissions per insert statement at most.
 const INSERT_BATCH: usize = 256;
@@ -101,6 +101,29 @@ impl JobService {
                 ApiError::Internal(anyhow::anyhow!("a keyed submission of one job came back without it"))
             })?;
         Ok(Submitted { jobs: job, replayed })
+    }
+
+    /// Validates, commits and publishes a batch of `tenant`'s submissions:
+    /// all of them or, when one is invalid, none. One insert statement; the
+    /// publishes are pipelined on one channel.
+    pub async fn submit_batch(
+        &self,
+        tenant: &str,
+        request_id: Option<String>,
+        key: Option<String>,
+        batch: BatchRequest,
+    ) -> Result<Submitted<Vec<Job>>, ApiError> {
+        let hash = key.as_ref().map(|_| fingerprint("POST /v1/jobs/batch", &batch.jobs));
+        let mut new_jobs = batch.validate(&self.settings, tenant)?;
+        for job in &mut new_jobs {
+            job.request_id.clone_from(&request_id);
+        }
+        if let (Some(key), Some(hash)) = (key, hash) {
+            return self.insert_keyed(tenant, key, &hash, new_jobs).await;
+        }
+        let created = jobs::insert_many(&self.pool, &new_jobs).await?;
+        self.publish(&created).await;
+        Ok(Submitted { jobs: created, replayed: false })
     }
 
     /// Inserts `jobs` under idempotency key `key` in one transaction and

@@ -29,6 +29,39 @@ pub struct SubmitRequest {
     pub delay_seconds: Option<u64>,
 }
 
+/// The body of `POST /v1/jobs/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub jobs: Vec<SubmitRequest>,
+}
+
+/// Most jobs one batch may hold.
+pub const MAX_BATCH_JOBS: usize = 1000;
+
+impl BatchRequest {
+    /// Validates every job (all or nothing), reporting every problem at once
+    /// with its job's place: `jobs[3].payload.ms`.
+    pub fn validate(self, settings: &Settings, tenant: &str) -> Result<Vec<NewJob>, ApiError> {
+        let count = self.jobs.len();
+        if !(1..=MAX_BATCH_JOBS).contains(&count) {
+            let message = format!("must hold 1 to {MAX_BATCH_JOBS} jobs; it holds {count}");
+            return Err(ApiError::Validation(vec![FieldProblem::new("jobs", message)]));
+        }
+        let mut problems = Vec::new();
+        let mut valid = Vec::with_capacity(count);
+        for (i, request) in self.jobs.into_iter().enumerate() {
+            match request.validate(settings, tenant.to_owned()) {
+                Ok(job) => valid.push(job),
+                Err(ApiError::Validation(found)) => problems
+                    .extend(found.into_iter().map(|p| FieldProblem::new(format!("jobs[{i}].{}", p.field), p.message))),
+                Err(other) => return Err(other),
+            }
+        }
+        if problems.is_empty() { Ok(valid) } else { Err(ApiError::Validation(problems)) }
+    }
+}
+
 /// Where `json` (valid JSON text) holds an escaped U+0000 (`\u0000`), which
 /// Postgres' jsonb cannot store: one pass over the bytes, whatever the shape
 /// of the value. A raw U+0000 cannot occur, JSON strings escape control

@@ -7,7 +7,7 @@
 //! bench itself (`--worker-bin`), so that `drain` can enqueue with no worker
 //! running and then time the workers alone.
 //!
-//! Modes: `submit`, `drain`, `e2e`, `latency`, `poll` (see `--help`).
+//! Modes: `submit`, `batch`, `drain`, `e2e`, `latency`, `poll` (see `--help`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,6 +39,8 @@ struct Cli {
 enum Mode {
     /// Closed-loop submissions of noop jobs: jobs/s and latency.
     Submit(Load),
+    /// Closed-loop batch submissions (`POST /v1/jobs/batch`) of noop jobs: jobs/s and latency per batch.
+    Batch(BatchLoad),
     /// Enqueue N jobs with no worker running, then start the workers and time until all are done.
     Drain(Drained),
     /// Submit with workers running: jobs/s until every job is done.
@@ -55,6 +57,19 @@ struct Load {
     n: usize,
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+struct BatchLoad {
+    /// Jobs in all.
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    /// Clients submitting at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Jobs per batch.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +168,25 @@ impl Api {
                 (status, id)
             }
             Err(_) => (0, None),
+        }
+    }
+
+    /// Submits `body`, a batch; returns the status code.
+    async fn submit_batch(&self, body: &str) -> u16 {
+        let response = self
+            .client
+            .post(format!("{}/v1/jobs/batch", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await;
+        match response {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let _ = response.bytes().await;
+                status
+            }
+            Err(_) => 0,
         }
     }
 
@@ -303,24 +337,38 @@ async fn settle(api: &Api, workers: &Workers) -> anyhow::Result<()> {
 
 /// Closed loop: `concurrency` clients submit until `n` submissions are done.
 async fn submit_load(api: &Rc<Api>, load: &Load) -> (Duration, Vec<u64>, BTreeMap<u16, u64>) {
+    closed_loop(api, load.n, load.concurrency, None).await
+}
+
+/// Closed loop: `concurrency` clients send `requests` requests in all, each a
+/// single submission or, with `batch`, that batch. Latency and status per request.
+async fn closed_loop(
+    api: &Rc<Api>,
+    requests: usize,
+    concurrency: usize,
+    batch: Option<Rc<str>>,
+) -> (Duration, Vec<u64>, BTreeMap<u16, u64>) {
     let next = Rc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut clients = Vec::new();
-    for _ in 0..load.concurrency {
-        let (api, next, n) = (api.clone(), next.clone(), load.n as u64);
+    for _ in 0..concurrency {
+        let (api, next, n, batch) = (api.clone(), next.clone(), requests as u64, batch.clone());
         clients.push(tokio::task::spawn_local(async move {
             let mut latencies = Vec::new();
             let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let sent = Instant::now();
-                let (code, _) = api.submit().await;
+                let code = match &batch {
+                    Some(body) => api.submit_batch(body).await,
+                    None => api.submit().await.0,
+                };
                 latencies.push(sent.elapsed().as_micros() as u64);
                 *codes.entry(code).or_default() += 1;
             }
             (latencies, codes)
         }));
     }
-    let mut latencies = Vec::with_capacity(load.n);
+    let mut latencies = Vec::with_capacity(requests);
     let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
     for client in clients {
         if let Ok((l, c)) = client.await {
@@ -365,6 +413,29 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             println!(
                 "submit  n={} c={}: {} jobs/s, latency {}, status {}, rss {}",
                 load.n, load.concurrency, report["jobs_per_s"], report["latency"], report["status"], report["rss_mib"]
+            );
+            report
+        }
+        Mode::Batch(load) => {
+            let size = load.size.max(1);
+            let body: Rc<str> = json!({ "jobs": vec![json!({"type": "noop"}); size] }).to_string().into();
+            let rss = RssSampler::start(api_process);
+            let (took, latencies, codes) = closed_loop(&api, load.n.div_ceil(size), load.concurrency, Some(body)).await;
+            let rss = rss.finish();
+            let jobs_per_s = accepted_per_second(&codes, took) * size as f64;
+            let report = json!({
+                "mode": "batch", "n": load.n, "concurrency": load.concurrency, "size": size,
+                "jobs_per_s": jobs_per_s, "latency": percentiles(latencies), "status": codes, "rss_mib": rss,
+            });
+            println!(
+                "batch   n={} c={} size={}: {} jobs/s, latency per batch {}, status {}, rss {}",
+                load.n,
+                load.concurrency,
+                size,
+                report["jobs_per_s"],
+                report["latency"],
+                report["status"],
+                report["rss_mib"]
             );
             report
         }

@@ -12,7 +12,6 @@
 //! for its task tracker) records what is pending.
 
 use sqlx::PgPool;
-use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -80,28 +79,12 @@ impl Outbox {
 /// (their message was confirmed once, and lost since).
 pub async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
     let mut report = Report::default();
-    if let [job] = jobs.as_slice() {
-        // The common case (one submission): no task to spawn.
-        match publisher.publish_job(&job.queue, job.id, job.priority).await {
+    let messages: Vec<_> = jobs.iter().map(|job| (job.queue.as_str(), job.id, job.priority)).collect();
+    let results = publisher.publish_jobs(&messages).await;
+    for (job, result) in jobs.iter().zip(results) {
+        match result {
             Ok(()) => report.published.push(job.outbox_row()),
             Err(e) => report.failed.push((job.id, e)),
-        }
-    } else {
-        let mut publishes = JoinSet::new();
-        for job in jobs {
-            let publisher = publisher.clone();
-            publishes.spawn(async move {
-                let result = publisher.publish_job(&job.queue, job.id, job.priority).await;
-                (job.outbox_row(), result)
-            });
-        }
-        while let Some(done) = publishes.join_next().await {
-            match done {
-                Ok((row, Ok(()))) => report.published.push(row),
-                Ok((row, Err(e))) => report.failed.push((row.job_id, e)),
-                // A publish task cannot panic short of a bug in lapin; the job stays in the outbox.
-                Err(e) => tracing::error!(error = %e, "publish task failed"),
-            }
         }
     }
     for (id, e) in &report.failed {

@@ -5,7 +5,7 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use shared::job::{JobStatus, ListFilter};
+use shared::job::{Job, JobStatus, ListFilter};
 use uuid::Uuid;
 
 use super::RequestId;
@@ -14,7 +14,7 @@ use crate::body::read_json;
 use crate::caching::respond;
 use crate::error::{ApiError, FieldProblem};
 use crate::state::AppState;
-use crate::submission::SubmitRequest;
+use crate::submission::{BatchRequest, SubmitRequest};
 
 /// `POST /v1/jobs`: commits the job, publishes it with a confirm, answers 202.
 pub async fn submit(
@@ -32,6 +32,30 @@ pub async fn submit(
         response.insert_header((IDEMPOTENT_REPLAYED, "true"));
     }
     Ok(response.json(&submitted.jobs))
+}
+
+/// `POST /v1/jobs/batch`: up to 1,000 submissions, all accepted or none:
+/// one insert, publishes pipelined; `202 {"jobs": […]}` in the order given.
+pub async fn submit_batch(
+    caller: Authorized<JobsWrite>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let key = idempotency_key(&req)?;
+    let batch: BatchRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
+    let submitted = state.jobs.submit_batch(&caller.tenant, RequestId::of(&req), key, batch).await?;
+    let mut response = HttpResponse::Accepted();
+    if submitted.replayed {
+        response.insert_header((IDEMPOTENT_REPLAYED, "true"));
+    }
+    Ok(response.json(Batch { jobs: &submitted.jobs }))
+}
+
+/// The answer to a batch: its jobs, in the order submitted.
+#[derive(serde::Serialize)]
+struct Batch<'a> {
+    jobs: &'a [Job],
 }
 
 /// Longest `Idempotency-Key` accepted.

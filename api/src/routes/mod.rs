@@ -22,6 +22,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(jobs::list))
             .default_service(web::to(method_not_allowed)),
     )
+    // Before `/v1/jobs/{id}`, which would take `batch` for an id.
+    .service(
+        web::resource("/v1/jobs/batch")
+            .route(web::post().to(jobs::submit_batch))
+            .default_service(web::to(method_not_allowed)),
+    )
     .service(
         web::resource("/v1/jobs/{id}").route(web::get().to(jobs::get)).default_service(web::to(method_not_allowed)),
     )

@@ -32,7 +32,7 @@ fn post_raw(app: &TestApp, content_type: Option<&str>, body: impl Into<reqwest::
 }
 
 /// The field paths of a 422.
-fn fields(problem: &Value) -> Vec<&str> {
+pub fn fields(problem: &Value) -> Vec<&str> {
     problem["errors"]
         .as_array()
         .map(|errors| errors.iter().filter_map(|e| e["field"].as_str()).collect())

@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth;
+mod batch;
 mod caching;
 mod cli;
 mod compose;

@@ -110,6 +110,9 @@ fn queue_version_2() -> FieldTable {
 pub enum PublishError {
     #[error(transparent)]
     Broker(#[from] QueueError),
+    /// No channel to publish on; shared by every message of the attempt.
+    #[error("cannot publish: {0}")]
+    NoChannel(Arc<QueueError>),
     #[error("RabbitMQ did not confirm within {0:?}")]
     Timeout(Duration),
     #[error("RabbitMQ refused the message (nack)")]
@@ -190,34 +193,68 @@ impl Publisher {
 
     /// Publishes a run-job message for `job_id` to `queue` and waits for
     /// RabbitMQ's confirm: once this returns `Ok`, the message is on disk.
+    pub async fn publish_job(&self, queue: &str, job_id: Uuid, priority: i16) -> Result<(), PublishError> {
+        let mut results = self.publish_jobs(&[(queue, job_id, priority)]).await;
+        results.pop().unwrap_or(Err(PublishError::Nacked))
+    }
+
+    /// Publishes run-job messages for `jobs` (queue, id, priority), all sent
+    /// before any confirm is awaited, and waits for their confirms (within one
+    /// `amqp.confirm_timeout_ms` for all); a result per job, in order.
     ///
-    /// The message carries only what the broker needs: persistence, the
+    /// A message carries only what the broker needs: persistence, the
     /// priority, and a body naming the job. Everything else about the job
     /// (its request id included) is in its row; properties nobody reads cost
     /// the broker dearly (a headers table and three strings made the confirm
     /// p99 ~6 ms longer under load; docs/BENCHMARKS.md).
-    pub async fn publish_job(&self, queue: &str, job_id: Uuid, priority: i16) -> Result<(), PublishError> {
+    pub async fn publish_jobs(&self, jobs: &[(&str, Uuid, i16)]) -> Vec<Result<(), PublishError>> {
         let timeout = self.inner.settings.confirm_timeout();
-        let publish = async {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                let reason = Arc::new(e);
+                return jobs.iter().map(|_| Err(PublishError::NoChannel(reason.clone()))).collect();
+            }
+            Err(_) => return jobs.iter().map(|_| Err(PublishError::Timeout(timeout))).collect(),
+        };
+        let mut sent = Vec::with_capacity(jobs.len());
+        for &(queue, job_id, priority) in jobs {
             let body = serde_json::to_vec(&Message::RunJob { job_id }).unwrap_or_default();
             let properties = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
                 .with_priority(u8::try_from(priority.clamp(0, MAX_PRIORITY)).unwrap_or(0));
             let routing_key = self.inner.names.queue(queue);
-            let channel = self.channel().await?;
             // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
             // of confirming a message that went nowhere.
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-            let confirm = channel
-                .basic_publish("".into(), ShortString::from(routing_key.clone()), options, &body, properties)
-                .await?;
-            match confirm.await? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(routing_key)),
-                Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
-            }
-        };
-        tokio::time::timeout(timeout, publish).await.map_err(|_| PublishError::Timeout(timeout))?
+            let publish =
+                channel.basic_publish("".into(), ShortString::from(routing_key.clone()), options, &body, properties);
+            let confirm = match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(confirm)) => Ok(confirm),
+                Ok(Err(e)) => Err(PublishError::from(e)),
+                Err(_) => Err(PublishError::Timeout(timeout)),
+            };
+            sent.push((routing_key, confirm));
+        }
+        let mut results = Vec::with_capacity(jobs.len());
+        for (routing_key, confirm) in sent {
+            let confirmed = match confirm {
+                Ok(confirm) => tokio::time::timeout_at(deadline, confirm).await,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            results.push(match confirmed {
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key)),
+                Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(PublishError::Timeout(timeout)),
+            });
+        }
+        results
     }
 
     /// Ready messages and consumers of Conveyor queue `queue`, by a passive
