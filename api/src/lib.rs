@@ -8,6 +8,7 @@
 //! - [`routes`]: the HTTP routes (thin: read the request, call the service, answer) and the request-id middleware.
 //! - [`service`]: the job service: validate → insert → publish → record, reads, cancels, requeues.
 //! - [`submission`]: the submit body and its validation.
+//! - [`admission`]: refusing submissions to a queue past its `max_depth`.
 //! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
 //! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
@@ -18,6 +19,7 @@
 //! `service::JobService::submit` (`submission` validates; `shared::db::jobs`
 //! inserts, batched; `shared::outbox` publishes and records the confirm).
 
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod cache;

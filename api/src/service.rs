@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::admission::Admission;
 use crate::cache::{EndedJobs, Rendered};
 use crate::caching::Freshness;
 use crate::error::ApiError;
@@ -56,6 +57,7 @@ pub struct JobService {
     inserter: Batcher<NewJob, db::Result<Job>, db::Error>,
     outbox: Outbox,
     ended: Arc<EndedJobs>,
+    admission: Arc<Admission>,
 }
 
 impl JobService {
@@ -65,6 +67,7 @@ impl JobService {
         pool: PgPool,
         outbox: Outbox,
         ended: Arc<EndedJobs>,
+        admission: Arc<Admission>,
         tasks: &TaskTracker,
     ) -> Self {
         let insert_pool = pool.clone();
@@ -72,7 +75,7 @@ impl JobService {
             let pool = insert_pool.clone();
             async move { jobs::insert_each_if_refused(&pool, &jobs).await }
         });
-        Self { settings, pool, inserter, outbox, ended }
+        Self { settings, pool, inserter, outbox, ended, admission }
     }
 
     /// Validates, commits and publishes one submission of `tenant`. Once the
@@ -88,6 +91,7 @@ impl JobService {
     ) -> Result<Submitted<Job>, ApiError> {
         let hash = key.as_ref().map(|_| fingerprint("POST /v1/jobs", [&request]));
         let mut new_job = request.validate(&self.settings, tenant.to_owned())?;
+        self.admission.admit([new_job.queue.as_str()])?;
         new_job.request_id = request_id;
         let (Some(key), Some(hash)) = (key, hash) else {
             let job = self.inserter.call(new_job).await??;
@@ -115,6 +119,7 @@ impl JobService {
     ) -> Result<Submitted<Vec<Job>>, ApiError> {
         let hash = key.as_ref().map(|_| fingerprint("POST /v1/jobs/batch", &batch.jobs));
         let mut new_jobs = batch.validate(&self.settings, tenant)?;
+        self.admission.admit(new_jobs.iter().map(|job| job.queue.as_str()))?;
         for job in &mut new_jobs {
             job.request_id.clone_from(&request_id);
         }

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::cache::EndedJobs;
 use crate::routes;
@@ -77,7 +78,9 @@ impl Application {
         let ended_listener = ended.spawn_listener(&tasks, pool.clone(), Duration::from_millis(500), stop.clone());
         let settings = Arc::new(settings);
         let outbox = Outbox::new(publisher.clone(), pool.clone(), &tasks);
-        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, &tasks);
+        let admission = Arc::new(Admission::new(&settings));
+        admission.spawn_refresher(&tasks, publisher.clone(), stop.clone());
+        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, &tasks);
         let state = web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default() });
         let server = HttpServer::new(move || {
             App::new()

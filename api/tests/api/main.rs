@@ -3,6 +3,7 @@
 //! fresh namespace per test).
 
 mod admin;
+mod admission;
 mod auth;
 mod batch;
 mod caching;
