@@ -9,6 +9,7 @@
 //! - [`service`]: the job service: validate → insert → publish → record, reads, cancels, requeues.
 //! - [`submission`]: the submit body and its validation.
 //! - [`admission`]: refusing submissions to a queue past its `max_depth`.
+//! - [`overload`]: shedding requests beyond `http.max_in_flight`.
 //! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
 //! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
@@ -27,6 +28,7 @@ pub mod caching;
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod overload;
 pub mod routes;
 pub mod service;
 pub mod startup;

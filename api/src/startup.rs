@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::cache::EndedJobs;
+use crate::overload::{self, InFlight};
 use crate::routes;
 use crate::service::JobService;
 use crate::state::AppState;
@@ -82,10 +83,14 @@ impl Application {
         admission.spawn_refresher(&tasks, publisher.clone(), stop.clone());
         let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, &tasks);
         let state = web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default() });
+        let in_flight = web::Data::new(InFlight::new(state.settings.max_in_flight()));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(auth.clone())
+                .app_data(in_flight.clone())
+                // The last wrapped runs first: the request id, then shedding.
+                .wrap(from_fn(overload::shed))
                 .wrap(from_fn(routes::request_id))
                 .configure(routes::configure)
         })

@@ -7,7 +7,7 @@
 //! bench itself (`--worker-bin`), so that `drain` can enqueue with no worker
 //! running and then time the workers alone.
 //!
-//! Modes: `submit`, `batch`, `drain`, `e2e`, `latency`, `poll` (see `--help`).
+//! Modes: `submit`, `batch`, `drain`, `e2e`, `latency`, `poll`, `overload` (see `--help`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +49,25 @@ enum Mode {
     Latency(Latency),
     /// GET of a finished job against GET /healthz, on the same server in the same run.
     Poll(Poll),
+    /// A flood: many clients, each submitting as fast as it is answered;
+    /// latency of accepted and of refused submissions apart; then workers
+    /// drain what was accepted and every job must have succeeded.
+    Overload(Overload),
+}
+
+#[derive(Debug, Args)]
+struct Overload {
+    /// Clients, each with its own connection.
+    #[arg(long, default_value_t = 4000)]
+    clients: usize,
+    /// Seconds of flood.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Send again at once after a 503, instead of after its Retry-After.
+    #[arg(long)]
+    ignore_retry_after: bool,
+    #[command(flatten)]
+    workers: Workers,
 }
 
 #[derive(Debug, Args)]
@@ -131,11 +150,16 @@ struct Api {
 
 impl Api {
     fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        Self::with_connections(base, token, 1024)
+    }
+
+    /// With up to `connections` kept open.
+    fn with_connections(base: &str, token: &str, connections: usize) -> anyhow::Result<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
         let client = reqwest::Client::builder()
             .default_headers(headers)
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(connections)
             .timeout(Duration::from_secs(30))
             .build()?;
         Ok(Self { base: base.trim_end_matches('/').to_owned(), client })
@@ -435,6 +459,92 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
                 report["jobs_per_s"],
                 report["latency"],
                 report["status"],
+                report["rss_mib"]
+            );
+            report
+        }
+        Mode::Overload(overload) => {
+            settle(&api, &overload.workers).await?;
+            // Each client connects first, untimed: the figures are of a flood
+            // on open connections, not of a connection storm.
+            let mut floods = Vec::with_capacity(overload.clients);
+            for _ in 0..overload.clients {
+                // A client (and connection pool) each, like separate callers:
+                // one pool of thousands of connections costs the driver more
+                // per request than the server spends on a refusal.
+                floods.push(Api::with_connections(&cli.url, &cli.token, 1)?);
+            }
+            let connecting: Vec<_> = floods
+                .into_iter()
+                .map(|flood| {
+                    tokio::task::spawn_local(async move {
+                        for _ in 0..10 {
+                            if flood.get("/healthz").await.0 == 200 {
+                                break;
+                            }
+                        }
+                        flood
+                    })
+                })
+                .collect();
+            let mut floods = Vec::with_capacity(overload.clients);
+            for client in connecting {
+                floods.push(client.await?);
+            }
+            let rss = RssSampler::start(api_process.clone());
+            let until = Instant::now() + Duration::from_secs(overload.duration);
+            let started = Instant::now();
+            let mut clients = Vec::with_capacity(overload.clients);
+            for flood in floods {
+                let ignore_retry_after = overload.ignore_retry_after;
+                clients.push(tokio::task::spawn_local(async move {
+                    let mut by_status: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+                    while Instant::now() < until {
+                        let sent = Instant::now();
+                        let (code, _) = flood.submit().await;
+                        by_status.entry(code).or_default().push(sent.elapsed().as_micros() as u64);
+                        if code == 503 && !ignore_retry_after {
+                            // As HTTP clients that honour Retry-After do (the API says 1 s),
+                            // with jitter, lest every refused client come back at once.
+                            tokio::time::sleep(Duration::from_millis(1000 + rand::random_range(0..1000))).await;
+                        }
+                    }
+                    by_status
+                }));
+            }
+            let mut by_status: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+            for client in clients {
+                for (code, latencies) in client.await.unwrap_or_default() {
+                    by_status.entry(code).or_default().extend(latencies);
+                }
+            }
+            let took = started.elapsed();
+            let rss = rss.finish();
+            // Then every accepted job must run to success.
+            let workers = WorkerProcesses::start(&overload.workers).await?;
+            api.wait_all_done(Duration::from_secs(600)).await?;
+            workers.stop().await;
+            let (code, failed) = api.get("/v1/jobs?status=failed&limit=1").await;
+            let failed = code != 200 || failed.is_none_or(|p| p["jobs"].as_array().is_none_or(|j| !j.is_empty()));
+            let codes: BTreeMap<u16, u64> = by_status.iter().map(|(code, l)| (*code, l.len() as u64)).collect();
+            let accepted = by_status.remove(&202).unwrap_or_default();
+            let shed = by_status.remove(&503).unwrap_or_default();
+            let report = json!({
+                "mode": "overload", "clients": overload.clients, "duration_s": overload.duration,
+                "ignore_retry_after": overload.ignore_retry_after,
+                "accepted_per_s": accepted_per_second(&codes, took),
+                "accepted_latency": percentiles(accepted), "shed_latency": percentiles(shed),
+                "status": codes, "any_failed": failed, "rss_mib": rss,
+            });
+            println!(
+                "overload clients={} {} s: {} accepted/s, accepted latency {}, shed latency {}, status {}, any failed: {}, rss {}",
+                overload.clients,
+                overload.duration,
+                report["accepted_per_s"],
+                report["accepted_latency"],
+                report["shed_latency"],
+                report["status"],
+                failed,
                 report["rss_mib"]
             );
             report

@@ -69,6 +69,9 @@ pub struct HttpSettings {
     pub ended_cache_seconds: u32,
     pub ended_cache_bytes: usize,
     pub list_page_bytes: usize,
+    /// Requests worked on at once per API process; 0: derived from the pool
+    /// size (see [`Settings::max_in_flight`]).
+    pub max_in_flight: usize,
 }
 
 #[derive(Clone, Deserialize)]
@@ -183,7 +186,21 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// In-flight requests per pooled database connection, for the default
+/// `http.max_in_flight`: enough to keep every connection busy with batched
+/// inserts, few enough that an accepted request does not queue behind many.
+pub const IN_FLIGHT_PER_CONNECTION: usize = 8;
+
 impl Settings {
+    /// `http.max_in_flight`, or when it is 0, [`IN_FLIGHT_PER_CONNECTION`] per
+    /// `database.max_connections` (128 with the default 16).
+    pub fn max_in_flight(&self) -> usize {
+        match self.http.max_in_flight {
+            0 => (self.database.max_connections as usize).saturating_mul(IN_FLIGHT_PER_CONNECTION),
+            n => n,
+        }
+    }
+
     /// Loads every layer: defaults, `file` (or `CONVEYOR_CONFIG`), the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let env_file = std::env::var_os("CONVEYOR_CONFIG");

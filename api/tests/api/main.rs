@@ -15,6 +15,7 @@ mod helpers;
 mod idempotency;
 mod kinds;
 mod list;
+mod overload;
 mod pipeline;
 mod reliability;
 mod submit;
