@@ -108,6 +108,13 @@ pub enum KeysCommand {
         /// Comma-separated: jobs:read, jobs:write, admin.
         #[arg(long, default_value = "jobs:read,jobs:write")]
         scopes: Scopes,
+        /// Requests per second for this key, in a bucket of its own instead
+        /// of its tenant's (`rate_limit.tenant_per_second`).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate_limit: Option<u32>,
+        /// Requests at once for this key [default: 2 × --rate-limit].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
+        burst: Option<u32>,
     },
     /// List keys (never their secrets).
     List {

@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use chrono::Utc;
 use serde_json::json;
 use shared::config::Settings;
-use shared::db::{api_keys, jobs};
+use shared::db::api_keys::{self, KeyRate};
+use shared::db::jobs;
 use shared::job::{Enqueued, Job, JobStatus, ListFilter, ListedJob, RequeueFilter, RequeueRefused};
 use shared::outbox::Outbox;
 use shared::queue::Publisher;
@@ -230,12 +231,18 @@ fn write_job(out: &mut impl Write, job: &Job) -> std::io::Result<()> {
 
 pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match command {
-        KeysCommand::Create { tenant, name, scopes } => {
+        KeysCommand::Create { tenant, name, scopes, rate_limit, burst } => {
             if scopes.names().is_empty() {
                 bail!("--scopes must name at least one of jobs:read, jobs:write, admin");
             }
-            let (_, token) =
-                keys::create(pool, &tenant, name.as_deref(), scopes).await.context("Failed to create the key")?;
+            let rate_limit = match (rate_limit, burst) {
+                (Some(per_second), burst) => Some(KeyRate { per_second, burst: burst.unwrap_or(per_second * 2) }),
+                (None, Some(_)) => bail!("--burst needs --rate-limit"),
+                (None, None) => None,
+            };
+            let (_, token) = keys::create(pool, &tenant, name.as_deref(), scopes, rate_limit)
+                .await
+                .context("Failed to create the key")?;
             writeln!(out, "{token}")?;
         }
         KeysCommand::List { json } => {
@@ -245,20 +252,21 @@ pub async fn keys(pool: &PgPool, command: KeysCommand, out: &mut impl Write) -> 
             } else {
                 writeln!(
                     out,
-                    "{:<36}  {:<12}  {:<16}  {:<12}  {:<28}  STATUS",
-                    "ID", "TENANT", "NAME", "PREFIX", "SCOPES"
+                    "{:<36}  {:<12}  {:<16}  {:<12}  {:<28}  {:<16}  STATUS",
+                    "ID", "TENANT", "NAME", "PREFIX", "SCOPES", "RATE LIMIT"
                 )?;
                 for key in keys {
                     let status =
                         key.revoked_at.map_or("active".to_owned(), |at| format!("revoked {}", at.format("%Y-%m-%d")));
                     writeln!(
                         out,
-                        "{:<36}  {:<12}  {:<16}  {:<12}  {:<28}  {status}",
+                        "{:<36}  {:<12}  {:<16}  {:<12}  {:<28}  {:<16}  {status}",
                         key.id,
                         key.tenant,
                         key.name.as_deref().unwrap_or("-"),
                         key.prefix,
                         key.scopes.names().join(","),
+                        key.rate_limit.map_or("tenant's".to_owned(), |r| format!("{}/s, {}", r.per_second, r.burst)),
                     )?;
                 }
             }

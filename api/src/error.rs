@@ -57,6 +57,15 @@ pub enum ApiError {
     /// 422: the request is well-formed but some fields are invalid.
     #[error("the request has invalid fields")]
     Validation(Vec<FieldProblem>),
+    /// 429: over a rate limit (the client's address, the tenant or the key).
+    #[error(
+        "rate limit exceeded for {whose}: {burst} requests at once, {per_second} per second; retry in {retry} s",
+        whose = .0.whose,
+        burst = .0.rate.burst,
+        per_second = .0.rate.per_second,
+        retry = crate::rate_limit::ceil_seconds(.0.decision.retry_after).max(1)
+    )]
+    RateLimited(Box<crate::rate_limit::Refusal>),
     /// 503: a dependency is down or saturated; retry after a moment.
     #[error("{0}")]
     Unavailable(String),
@@ -91,6 +100,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Validation(_) => "validation-error",
+            Self::RateLimited(_) => "rate-limited",
             Self::Unavailable(_) => "service-unavailable",
             Self::Internal(_) => "internal-error",
         }
@@ -120,6 +130,7 @@ impl ResponseError for ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -157,6 +168,13 @@ impl ResponseError for ApiError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS)));
+        }
+        if let Self::RateLimited(refusal) = self {
+            let wait = crate::rate_limit::ceil_seconds(refusal.decision.retry_after).max(1);
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(wait)));
+            for (name, value) in refusal.decision.headers() {
+                response.insert_header((name, value));
+            }
         }
         response.body(serde_json::to_vec(&problem).unwrap_or_default())
     }

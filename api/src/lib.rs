@@ -10,6 +10,7 @@
 //! - [`submission`]: the submit body and its validation.
 //! - [`admission`]: refusing submissions to a queue past its `max_depth`.
 //! - [`overload`]: shedding requests beyond `http.max_in_flight`.
+//! - [`rate_limit`]: per-address and per-tenant rate limits (local or Redis buckets).
 //! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
 //! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod overload;
+pub mod rate_limit;
 pub mod routes;
 pub mod service;
 pub mod startup;

@@ -29,6 +29,7 @@ use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::cache::EndedJobs;
 use crate::overload::{self, InFlight};
+use crate::rate_limit::{self, Limits};
 use crate::routes;
 use crate::service::JobService;
 use crate::state::AppState;
@@ -84,13 +85,24 @@ impl Application {
         let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, &tasks);
         let state = web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default() });
         let in_flight = web::Data::new(InFlight::new(state.settings.max_in_flight()));
+        let limits = Limits::new(
+            &state.settings.rate_limit,
+            &state.settings.http.trusted_proxies,
+            &state.settings.amqp.namespace,
+        )
+        .await;
+        limits.spawn_housekeeping(&tasks, stop.clone());
+        let limits = web::Data::new(limits);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(auth.clone())
                 .app_data(in_flight.clone())
-                // The last wrapped runs first: the request id, then shedding.
+                .app_data(limits.clone())
+                // The last wrapped runs first: the request id, the address
+                // limit (a refused flood takes no in-flight place), shedding.
                 .wrap(from_fn(overload::shed))
+                .wrap(from_fn(rate_limit::limit))
                 .wrap(from_fn(routes::request_id))
                 .configure(routes::configure)
         })

@@ -38,6 +38,7 @@ pub struct Settings {
     pub jobs: JobSettings,
     pub queues: BTreeMap<String, QueueSettings>,
     pub worker: WorkerSettings,
+    pub rate_limit: RateLimitSettings,
     pub log: LogSettings,
 }
 
@@ -72,6 +73,8 @@ pub struct HttpSettings {
     /// Requests worked on at once per API process; 0: derived from the pool
     /// size (see [`Settings::max_in_flight`]).
     pub max_in_flight: usize,
+    /// Addresses (CIDRs) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -173,6 +176,40 @@ pub struct WorkerSettings {
     pub outbox_grace_seconds: u32,
 }
 
+/// Where tenant rate-limit buckets live.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    /// In each API process: a tenant gets the limit once per replica.
+    Local,
+    /// In Redis, shared by every replica.
+    Redis,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub tenant_per_second: u32,
+    pub tenant_burst: u32,
+    pub ip_per_second: u32,
+    pub ip_burst: u32,
+    pub backend: RateLimitBackend,
+    pub redis_url: String,
+}
+
+impl std::fmt::Debug for RateLimitSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitSettings")
+            .field("tenant_per_second", &self.tenant_per_second)
+            .field("tenant_burst", &self.tenant_burst)
+            .field("ip_per_second", &self.ip_per_second)
+            .field("ip_burst", &self.ip_burst)
+            .field("backend", &self.backend)
+            .field("redis_url", &crate::redact::secrets(&self.redis_url))
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -235,6 +272,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("worker.queues")
                 .with_list_parse_key("jobs.http.allow")
+                .with_list_parse_key("http.trusted_proxies")
                 .source(Some(env)),
         );
         // The conventional names win over everything, as in most twelve-factor tools.
@@ -298,6 +336,15 @@ impl Settings {
         if let Err(e) = crate::kinds::http::destination::Allow::parse(&jobs.http.allow) {
             return Err(ConfigError(format!("jobs.http.allow: {e}")));
         }
+        for proxy in &self.http.trusted_proxies {
+            let entry = proxy.trim();
+            let parses = entry.parse::<ipnet::IpNet>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok();
+            check(parses, || format!("http.trusted_proxies: {entry:?} is neither an address nor a CIDR"))?;
+        }
+        let rate = &self.rate_limit;
+        check(rate.backend == RateLimitBackend::Local || rate.redis_url.starts_with("redis://"), || {
+            "rate_limit.redis_url must be a redis:// URL".into()
+        })?;
         check(!self.queues.is_empty(), || "queues must name at least one queue".into())?;
         for (name, queue) in &self.queues {
             check(is_name(name), || format!("queues.{name}: a queue name must be 1-64 of [a-zA-Z0-9_-]"))?;

@@ -92,6 +92,6 @@ impl Verifier {
         if !shared::config::is_name(&claims.sub) {
             return Err(ApiError::Unauthorized("the JWT's sub (the tenant) must be 1-64 of [a-zA-Z0-9_-]".into()));
         }
-        Ok(Caller { tenant: claims.sub, scopes: Scopes::lenient(claims.scope.split_whitespace()) })
+        Ok(Caller { tenant: claims.sub, scopes: Scopes::lenient(claims.scope.split_whitespace()), own_rate: None })
     }
 }

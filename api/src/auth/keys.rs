@@ -3,7 +3,7 @@
 //! whole token is stored only as its SHA-256 ([`shared::db::api_keys`]).
 
 use sha2::{Digest, Sha256};
-use shared::db::api_keys::{self, ApiKey};
+use shared::db::api_keys::{self, ApiKey, KeyRate};
 use sqlx::PgExecutor;
 use subtle::ConstantTimeEq as _;
 
@@ -37,10 +37,11 @@ pub async fn create(
     tenant: &str,
     name: Option<&str>,
     scopes: Scopes,
+    rate_limit: Option<KeyRate>,
 ) -> shared::db::Result<(ApiKey, String)> {
     let prefix = shared::hex(&rand::random::<[u8; 6]>());
     let token = format!("{TOKEN_PREFIX}{prefix}_{}", shared::hex(&rand::random::<[u8; 32]>()));
-    let key = api_keys::insert(db, tenant, name, &prefix, &hash(&token), scopes).await?;
+    let key = api_keys::insert(db, tenant, name, &prefix, &hash(&token), scopes, rate_limit).await?;
     Ok((key, token))
 }
 

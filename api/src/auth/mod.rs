@@ -1,7 +1,8 @@
 //! Who is calling: `Authorization: Bearer <token>` on every `/v1` route,
 //! where the token is an API key (`cvk_…`) or, when configured, a JWT.
 //! Handlers take an [`Authorized<S>`], which answers 401 without a valid
-//! token and 403 without scope `S`, before the handler runs.
+//! token, 429 over the caller's rate limit and 403 without scope `S`, before
+//! the handler runs.
 //!
 //! Verified API keys are cached for `auth.key_cache_ttl_ms`; that is the
 //! longest a revoked key keeps working on a replica.
@@ -11,16 +12,17 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::pin::Pin;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
+use actix_web::{FromRequest, HttpMessage as _, HttpRequest, dev::Payload, http::header, web};
 use shared::config::AuthSettings;
 use shared::db::api_keys::{self, StoredKey};
 pub use shared::scope::{Scope, Scopes};
 use sqlx::PgPool;
 
 use crate::error::ApiError;
+use crate::rate_limit::{Bucket, Limits, Rate};
 
 pub mod jwt;
 pub mod keys;
@@ -30,9 +32,36 @@ pub mod keys;
 pub struct Caller {
     pub tenant: String,
     pub scopes: Scopes,
+    /// The key's own rate limit, when it was created with one.
+    pub own_rate: Option<(uuid::Uuid, Rate)>,
 }
 
 impl Caller {
+    /// The rate-limit bucket the caller draws from, and its rate when it is
+    /// not the tenant's.
+    pub fn bucket(&self) -> (Bucket, Option<Rate>) {
+        match self.own_rate {
+            Some((key, rate)) => (Bucket::Key(key), Some(rate)),
+            None => (Bucket::Tenant(self.tenant.clone()), None),
+        }
+    }
+
+    /// Charges the caller's rate-limit bucket for a request that costs
+    /// `cost` and of which `paid` was taken already, and sets the
+    /// `RateLimit-*` headers the answer will carry.
+    pub async fn charge(&self, req: &HttpRequest, cost: u32, paid: u32) -> Result<(), ApiError> {
+        let Some(limits) = req.app_data::<web::Data<Arc<Limits>>>() else { return Ok(()) };
+        let (bucket, own) = self.bucket();
+        match limits.charge(&bucket, own, cost, paid).await {
+            None => Ok(()),
+            Some(Ok(decision)) => {
+                req.extensions_mut().insert(decision);
+                Ok(())
+            }
+            Some(Err(refusal)) => Err(ApiError::RateLimited(Box::new(refusal))),
+        }
+    }
+
     /// 403 unless the caller holds `scope`.
     pub fn require(&self, scope: Scope) -> Result<&Self, ApiError> {
         if self.scopes.grant(scope) {
@@ -94,6 +123,7 @@ impl<S: RequiredScope> FromRequest for Authorized<S> {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let auth = req.app_data::<web::Data<Authenticator>>().cloned();
+        let req = req.clone();
         let header = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().map(str::to_owned));
         Box::pin(async move {
             // A wiring fault of the server, not the client's: a 500, not a 401.
@@ -104,6 +134,7 @@ impl<S: RequiredScope> FromRequest for Authorized<S> {
                 Some(Ok(value)) => bearer(&value)?.to_owned(),
             };
             let caller = auth.authenticate(&token).await?;
+            caller.charge(&req, 1, 0).await?;
             caller.require(S::SCOPE)?;
             Ok(Self { caller, scope: PhantomData })
         })
@@ -151,7 +182,9 @@ impl Authenticator {
             let key = self.lookup(prefix).await?;
             return match key {
                 Some(key) if keys::matches(token, &key.secret_hash) => {
-                    Ok(Caller { tenant: key.tenant, scopes: key.scopes })
+                    let own_rate =
+                        key.rate_limit.and_then(|limit| Some((key.id, Rate::new(limit.per_second, limit.burst)?)));
+                    Ok(Caller { tenant: key.tenant, scopes: key.scopes, own_rate })
                 }
                 _ => Err(ApiError::Unauthorized(
                     "unknown or revoked API key; create one with `api keys create` (an operator can list them \

@@ -1,10 +1,12 @@
 //! Liveness and readiness probes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
+use crate::rate_limit::Limits;
 use crate::state::AppState;
 
 /// How long a readiness probe waits for each dependency.
@@ -42,15 +44,28 @@ impl Readiness {
 }
 
 /// 200 when Postgres and RabbitMQ both answer, else 503 naming which does not;
-/// the answer is reused for a second.
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+/// the answer is reused for a second. A rate limiter that lost Redis makes
+/// the replica `degraded`, still 200: it serves, with per-replica limits.
+pub async fn readyz(state: web::Data<AppState>, limits: Option<web::Data<Arc<Limits>>>) -> HttpResponse {
     let (postgres, rabbitmq) = state.readiness.check(&state).await;
     let word = |up: bool| if up { "up" } else { "down" };
-    let body = json!({
-        "status": if postgres && rabbitmq { "ready" } else { "unavailable" },
+    let degraded = limits.as_ref().and_then(|limits| limits.degraded());
+    let status = match (postgres && rabbitmq, degraded) {
+        (false, _) => "unavailable",
+        (true, Some(_)) => "degraded",
+        (true, None) => "ready",
+    };
+    let mut body = json!({
+        "status": status,
         "postgres": word(postgres),
         "rabbitmq": word(rabbitmq),
     });
+    if let Some(limits) = &limits {
+        body["rate_limiter"] = json!(limits.backend());
+    }
+    if let Some(why) = degraded {
+        body["degraded"] = json!([why]);
+    }
     if postgres && rabbitmq {
         HttpResponse::Ok().json(body)
     } else {

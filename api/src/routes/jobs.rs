@@ -44,6 +44,9 @@ pub async fn submit_batch(
 ) -> Result<HttpResponse, ApiError> {
     let key = idempotency_key(&req)?;
     let batch: BatchRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
+    // A batch counts as its jobs (at most the burst); the request took one.
+    let jobs = u32::try_from(batch.jobs.len()).unwrap_or(u32::MAX);
+    caller.charge(&req, jobs, 1).await?;
     let submitted = state.jobs.submit_batch(&caller.tenant, RequestId::of(&req), key, batch).await?;
     let mut response = HttpResponse::Accepted();
     if submitted.replayed {

@@ -8,18 +8,8 @@ use serde_json::{Value, json};
 use shared::job::{FailureKind, JobStatus};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{Endpoint, TestApp, allow_loopback, client_with, spawn_app, spawn_app_with};
+use crate::helpers::{Endpoint, TestApp, allow_loopback, api_cli as api, client_with, spawn_app, spawn_app_with};
 use crate::submit::PgPoolOptionsUnused;
-
-/// Runs `api <args>` configured like the test app.
-async fn api(app: &TestApp, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"));
-    command.args(args).env_clear().envs(shared::testing::child_env(&app.settings));
-    tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .expect("the CLI finishes")
-        .expect("the CLI runs")
-}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

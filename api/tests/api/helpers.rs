@@ -59,10 +59,40 @@ pub async fn spawn_app_with(connect: PgConnectOptions, configure: impl FnOnce(&m
     TestApp { address, client, token, pool, settings, amqp, server, workers: Vec::new() }
 }
 
+/// Runs `api <args>` (the real binary) configured like the test app.
+pub async fn api_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"));
+    command.args(args).env_clear().envs(shared::testing::child_env(&app.settings));
+    tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the CLI finishes")
+        .expect("the CLI runs")
+}
+
+/// Starts `api serve` as a process of its own, configured like `settings`,
+/// and returns it (killed on drop) once it accepts connections, with its
+/// `host:port`.
+pub async fn spawn_api_process(settings: &Settings) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .arg("serve")
+        .env_clear()
+        .envs(shared::testing::child_env(settings))
+        .env("CONVEYOR__HTTP__PORT", port.to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("api serve starts");
+    let address = format!("127.0.0.1:{port}");
+    let up =
+        wait_until(Duration::from_secs(20), || async { tokio::net::TcpStream::connect(&address).await.is_ok() }).await;
+    assert!(up, "the server did not start listening");
+    (server, address)
+}
+
 /// Creates an API key of `tenant` with `scopes` and returns its token.
 pub async fn key(pool: &PgPool, tenant: &str, scopes: &[Scope]) -> String {
     let (_, token) =
-        api::auth::keys::create(pool, tenant, Some("test"), Scopes::of(scopes)).await.expect("key created");
+        api::auth::keys::create(pool, tenant, Some("test"), Scopes::of(scopes), None).await.expect("key created");
     token
 }
 

@@ -17,5 +17,6 @@ mod kinds;
 mod list;
 mod overload;
 mod pipeline;
+mod rate_limits;
 mod reliability;
 mod submit;

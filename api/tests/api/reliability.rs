@@ -11,7 +11,7 @@ use shared::job::{FailureKind, Job, JobStatus};
 use shared::testing::{Proxy, db};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{TestApp, spawn_app_with, wait_until};
+use crate::helpers::{TestApp, spawn_api_process, spawn_app_with, wait_until};
 use crate::submit::PgPoolOptionsUnused;
 
 /// Fast retries and a brisk reconciler, so retry tests take milliseconds.
@@ -372,19 +372,7 @@ async fn sigterm_lets_the_api_finish_requests_in_flight(_: PgPoolOptionsUnused, 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let app = spawn_app_with(connect, |_| {}).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
-        .arg("serve")
-        .env_clear()
-        .envs(shared::testing::child_env(&app.settings))
-        .env("CONVEYOR__HTTP__PORT", port.to_string())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("api serve starts");
-    let address = format!("127.0.0.1:{port}");
-    let up =
-        wait_until(Duration::from_secs(20), || async { tokio::net::TcpStream::connect(&address).await.is_ok() }).await;
-    assert!(up, "the server did not start listening");
+    let (mut server, address) = spawn_api_process(&app.settings).await;
 
     // A submission in flight when SIGTERM arrives: its head is sent and the
     // server has taken it up (it answered `100 Continue`), its body not yet.

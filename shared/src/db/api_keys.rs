@@ -18,8 +18,29 @@ pub struct ApiKey {
     pub name: Option<String>,
     pub prefix: String,
     pub scopes: Scopes,
+    /// Its own rate limit; `None`: the tenant's.
+    pub rate_limit: Option<KeyRate>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A key's own rate limit: `per_second` sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KeyRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl KeyRate {
+    /// The columns, both set or both NULL (a CHECK keeps them so).
+    fn from_columns(per_second: Option<i32>, burst: Option<i32>) -> Option<Self> {
+        Some(Self { per_second: u32::try_from(per_second?).ok()?, burst: u32::try_from(burst?).ok()? })
+    }
+
+    fn columns(rate: Option<Self>) -> (Option<i32>, Option<i32>) {
+        let column = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+        (rate.map(|r| column(r.per_second)), rate.map(|r| column(r.burst)))
+    }
 }
 
 /// What checking a presented token needs.
@@ -28,6 +49,7 @@ pub struct StoredKey {
     pub id: Uuid,
     pub tenant: String,
     pub scopes: Scopes,
+    pub rate_limit: Option<KeyRate>,
     pub secret_hash: Vec<u8>,
 }
 
@@ -38,6 +60,8 @@ struct Row {
     name: Option<String>,
     prefix: String,
     scopes: Vec<String>,
+    rate_per_second: Option<i32>,
+    rate_burst: Option<i32>,
     created_at: DateTime<Utc>,
     revoked_at: Option<DateTime<Utc>>,
 }
@@ -52,6 +76,7 @@ impl TryFrom<Row> for ApiKey {
             name: row.name,
             prefix: row.prefix,
             scopes: scopes(row.scopes)?,
+            rate_limit: KeyRate::from_columns(row.rate_per_second, row.rate_burst),
             created_at: row.created_at,
             revoked_at: row.revoked_at,
         })
@@ -71,12 +96,15 @@ pub async fn insert(
     prefix: &str,
     secret_hash: &[u8],
     scopes: Scopes,
+    rate_limit: Option<KeyRate>,
 ) -> Result<ApiKey> {
+    let (rate_per_second, rate_burst) = KeyRate::columns(rate_limit);
     let row = sqlx::query_as!(
         Row,
         r#"
-        INSERT INTO api_keys (id, tenant, name, prefix, secret_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6)
-        RETURNING id, tenant, name, prefix, scopes, created_at, revoked_at
+        INSERT INTO api_keys (id, tenant, name, prefix, secret_hash, scopes, rate_per_second, rate_burst)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        RETURNING id, tenant, name, prefix, scopes, rate_per_second, rate_burst, created_at, revoked_at
         "#,
         Uuid::now_v7(),
         tenant,
@@ -84,6 +112,8 @@ pub async fn insert(
         prefix,
         secret_hash,
         &scopes.names().into_iter().map(str::to_owned).collect::<Vec<_>>(),
+        rate_per_second,
+        rate_burst,
     )
     .fetch_one(db)
     .await?;
@@ -94,7 +124,10 @@ pub async fn insert(
 pub async fn list(db: impl PgExecutor<'_>) -> Result<Vec<ApiKey>> {
     let rows = sqlx::query_as!(
         Row,
-        "SELECT id, tenant, name, prefix, scopes, created_at, revoked_at FROM api_keys ORDER BY id DESC"
+        r#"
+        SELECT id, tenant, name, prefix, scopes, rate_per_second, rate_burst, created_at, revoked_at
+        FROM api_keys ORDER BY id DESC
+        "#
     )
     .fetch_all(db)
     .await?;
@@ -107,7 +140,7 @@ pub async fn revoke(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ApiKey>>
         Row,
         r#"
         UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
-        RETURNING id, tenant, name, prefix, scopes, created_at, revoked_at
+        RETURNING id, tenant, name, prefix, scopes, rate_per_second, rate_burst, created_at, revoked_at
         "#,
         id,
     )
@@ -119,13 +152,22 @@ pub async fn revoke(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ApiKey>>
 /// The live (unrevoked) key with this prefix.
 pub async fn find_live(db: impl PgExecutor<'_>, prefix: &str) -> Result<Option<StoredKey>> {
     let row = sqlx::query!(
-        "SELECT id, tenant, scopes, secret_hash FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
+        r#"
+        SELECT id, tenant, scopes, rate_per_second, rate_burst, secret_hash
+        FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL
+        "#,
         prefix,
     )
     .fetch_optional(db)
     .await?;
     row.map(|row| {
-        Ok(StoredKey { id: row.id, tenant: row.tenant, scopes: scopes(row.scopes)?, secret_hash: row.secret_hash })
+        Ok(StoredKey {
+            id: row.id,
+            tenant: row.tenant,
+            scopes: scopes(row.scopes)?,
+            rate_limit: KeyRate::from_columns(row.rate_per_second, row.rate_burst),
+            secret_hash: row.secret_hash,
+        })
     })
     .transpose()
 }

@@ -114,6 +114,10 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
     settings.http.port = 0;
     settings.http.workers = 2;
     settings.database.migrate_on_start = false;
+    // Tests submit far faster than a tenant's default limit, all from one
+    // address; the rate-limit tests turn the limits back on.
+    settings.rate_limit.tenant_per_second = 0;
+    settings.rate_limit.ip_per_second = 0;
     settings
 }
 
@@ -134,6 +138,11 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ("CONVEYOR__WORKER__LEADER_TTL_SECONDS", worker.leader_ttl_seconds.to_string()),
         ("CONVEYOR__WORKER__OUTBOX_GRACE_SECONDS", worker.outbox_grace_seconds.to_string()),
         ("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", worker.shutdown_grace_seconds.to_string()),
+        ("CONVEYOR__RATE_LIMIT__TENANT_PER_SECOND", settings.rate_limit.tenant_per_second.to_string()),
+        ("CONVEYOR__RATE_LIMIT__TENANT_BURST", settings.rate_limit.tenant_burst.to_string()),
+        ("CONVEYOR__RATE_LIMIT__IP_PER_SECOND", settings.rate_limit.ip_per_second.to_string()),
+        ("CONVEYOR__RATE_LIMIT__BACKEND", format!("{:?}", settings.rate_limit.backend).to_lowercase()),
+        ("CONVEYOR__RATE_LIMIT__REDIS_URL", settings.rate_limit.redis_url.clone()),
         ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned())),
     ];
     let mut env: Vec<(String, String)> = fixed.into_iter().map(|(key, value)| (key.to_owned(), value)).collect();
