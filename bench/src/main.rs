@@ -7,7 +7,7 @@
 //! bench itself (`--worker-bin`), so that `drain` can enqueue with no worker
 //! running and then time the workers alone.
 //!
-//! Modes: `submit`, `batch`, `drain`, `e2e`, `latency`, `poll`, `overload` (see `--help`).
+//! Modes: `submit`, `batch`, `drain`, `e2e`, `latency`, `poll`, `overload`, `noisy` (see `--help`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,6 +53,31 @@ enum Mode {
     /// latency of accepted and of refused submissions apart; then workers
     /// drain what was accepted and every job must have succeeded.
     Overload(Overload),
+    /// A noisy neighbour: tenant A (the main token) puts a backlog of
+    /// `sleep` jobs in the default queue, then tenant B (`--token-b`)
+    /// submits jobs one by one: how long B's jobs take, submit to done.
+    Noisy(Noisy),
+}
+
+#[derive(Debug, Args)]
+struct Noisy {
+    /// A key of another tenant, with jobs:read and jobs:write.
+    #[arg(long, env = "CONVEYOR_TOKEN_B")]
+    token_b: String,
+    /// Tenant A's backlog: `sleep` jobs.
+    #[arg(long, default_value_t = 2000)]
+    backlog: usize,
+    /// How long each of A's jobs sleeps.
+    #[arg(long, default_value_t = 200)]
+    sleep_ms: u64,
+    /// Tenant B's jobs (`noop`), one after the other.
+    #[arg(long, default_value_t = 100)]
+    jobs: usize,
+    /// Between B's submissions.
+    #[arg(long, default_value_t = 20)]
+    every_ms: u64,
+    #[command(flatten)]
+    workers: Workers,
 }
 
 #[derive(Debug, Args)]
@@ -546,6 +571,66 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
                 report["status"],
                 failed,
                 report["rss_mib"]
+            );
+            report
+        }
+        Mode::Noisy(noisy) => {
+            settle(&api, &noisy.workers).await?;
+            let tenant_b = Rc::new(Api::new(&cli.url, &noisy.token_b)?);
+            let workers = WorkerProcesses::start(&noisy.workers).await?;
+            // A's backlog, in batches: it is in the queue before B's first job.
+            let sleep = json!({"type": "sleep", "payload": {"ms": noisy.sleep_ms}});
+            let mut left = noisy.backlog;
+            while left > 0 {
+                let size = left.min(1000);
+                let code = api.submit_batch(&json!({ "jobs": vec![sleep.clone(); size] }).to_string()).await;
+                if code != 202 {
+                    bail!("tenant A's backlog batch answered {code}");
+                }
+                left -= size;
+            }
+            let backlog_at = Instant::now();
+            let mut watchers = Vec::with_capacity(noisy.jobs);
+            for _ in 0..noisy.jobs {
+                let submitted = Instant::now();
+                let (code, id) = tenant_b.submit().await;
+                let Some(id) = id else { bail!("tenant B's submission answered {code}") };
+                let tenant_b = tenant_b.clone();
+                watchers.push(tokio::task::spawn_local(async move {
+                    loop {
+                        let (_, job) = tenant_b.get(&format!("/v1/jobs/{id}")).await;
+                        if job.is_some_and(|job| job["status"] == "succeeded") {
+                            return Some(submitted.elapsed().as_micros() as u64);
+                        }
+                        if submitted.elapsed() > Duration::from_secs(600) {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }));
+                tokio::time::sleep(Duration::from_millis(noisy.every_ms)).await;
+            }
+            let mut latencies = Vec::with_capacity(noisy.jobs);
+            for watcher in watchers {
+                latencies.extend(watcher.await.ok().flatten());
+            }
+            let b_done = backlog_at.elapsed();
+            api.wait_all_done(Duration::from_secs(600)).await?;
+            let a_done = backlog_at.elapsed();
+            workers.stop().await;
+            let report = json!({
+                "mode": "noisy", "backlog": noisy.backlog, "sleep_ms": noisy.sleep_ms, "jobs_b": noisy.jobs,
+                "b_done": latencies.len(), "b_latency": percentiles(latencies),
+                "b_all_done_s": b_done.as_secs_f64(), "a_all_done_s": a_done.as_secs_f64(),
+            });
+            println!(
+                "noisy   A: {} × sleep {} ms, B: {} noop: B submit→done {}, B all done after {:.1} s, A after {:.1} s",
+                noisy.backlog,
+                noisy.sleep_ms,
+                noisy.jobs,
+                report["b_latency"],
+                b_done.as_secs_f64(),
+                a_done.as_secs_f64()
             );
             report
         }
