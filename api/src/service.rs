@@ -3,6 +3,7 @@
 //! statement), published with a confirm, and its confirm recorded; reads go
 //! through the ended-job cache; cancels and requeues are guarded moves.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use shared::batch::Batcher;
@@ -58,6 +59,45 @@ pub struct JobService {
     outbox: Outbox,
     ended: Arc<EndedJobs>,
     admission: Arc<Admission>,
+    lanes: Lanes,
+}
+
+/// Tenants' lanes (see [`shared::db::lanes`]), remembered: a tenant's lane
+/// never changes, so each replica asks Postgres once per tenant.
+struct Lanes {
+    pool: PgPool,
+    count: u16,
+    known: std::sync::RwLock<HashMap<String, i16>>,
+}
+
+/// More tenants than this remembered and the memory starts over (tenants
+/// are few; this bounds a flood of distinct JWT subjects).
+const LANES_REMEMBERED: usize = 100_000;
+
+impl Lanes {
+    fn new(pool: PgPool, count: u16) -> Self {
+        Self { pool, count: count.max(1), known: std::sync::RwLock::new(HashMap::new()) }
+    }
+
+    async fn of(&self, tenant: &str) -> Result<i16, ApiError> {
+        if self.count == 1 {
+            return Ok(0);
+        }
+        if let Ok(known) = self.known.read()
+            && let Some(lane) = known.get(tenant)
+        {
+            return Ok(*lane);
+        }
+        let given = db::lanes::of(&self.pool, tenant).await?;
+        let lane = i16::try_from(given.rem_euclid(i32::from(self.count))).unwrap_or(0);
+        if let Ok(mut known) = self.known.write() {
+            if known.len() >= LANES_REMEMBERED {
+                known.clear();
+            }
+            known.insert(tenant.to_owned(), lane);
+        }
+        Ok(lane)
+    }
 }
 
 impl JobService {
@@ -75,7 +115,8 @@ impl JobService {
             let pool = insert_pool.clone();
             async move { jobs::insert_each_if_refused(&pool, &jobs).await }
         });
-        Self { settings, pool, inserter, outbox, ended, admission }
+        let lanes = Lanes::new(pool.clone(), settings.amqp.lanes);
+        Self { settings, pool, inserter, outbox, ended, admission, lanes }
     }
 
     /// Validates, commits and publishes one submission of `tenant`. Once the
@@ -93,9 +134,11 @@ impl JobService {
         let mut new_job = request.validate(&self.settings, tenant.to_owned())?;
         self.admission.admit([new_job.queue.as_str()])?;
         new_job.request_id = request_id;
+        let lane = self.lanes.of(tenant).await?;
+        new_job.lane = lane;
         let (Some(key), Some(hash)) = (key, hash) else {
             let job = self.inserter.call(new_job).await??;
-            self.publish(std::slice::from_ref(&job)).await;
+            self.publish(std::slice::from_ref(&job), lane).await;
             return Ok(Submitted { jobs: job, replayed: false });
         };
         let submitted = self.insert_keyed(tenant, key, &hash, vec![new_job]).await?;
@@ -120,14 +163,16 @@ impl JobService {
         let hash = key.as_ref().map(|_| fingerprint("POST /v1/jobs/batch", &batch.jobs));
         let mut new_jobs = batch.validate(&self.settings, tenant)?;
         self.admission.admit(new_jobs.iter().map(|job| job.queue.as_str()))?;
+        let lane = self.lanes.of(tenant).await?;
         for job in &mut new_jobs {
             job.request_id.clone_from(&request_id);
+            job.lane = lane;
         }
         if let (Some(key), Some(hash)) = (key, hash) {
             return self.insert_keyed(tenant, key, &hash, new_jobs).await;
         }
         let created = jobs::insert_many(&self.pool, &new_jobs).await?;
-        self.publish(&created).await;
+        self.publish(&created, lane).await;
         Ok(Submitted { jobs: created, replayed: false })
     }
 
@@ -144,10 +189,11 @@ impl JobService {
         for job in &mut jobs {
             job.idempotency_key = Some(key.clone());
         }
+        let lane = jobs.first().map_or(0, |job| job.lane);
         let ttl = i64::try_from(self.settings.jobs.idempotency_ttl_seconds).unwrap_or(i64::MAX);
         match db::idempotency::submit(&self.pool, tenant, &key, hash, ttl, &jobs).await? {
             Keyed::Created(created) => {
-                self.publish(&created).await;
+                self.publish(&created, lane).await;
                 Ok(Submitted { jobs: created, replayed: false })
             }
             Keyed::Replayed(ids) => {
@@ -165,10 +211,10 @@ impl JobService {
         }
     }
 
-    /// Publishes the queued ones of jobs just inserted.
-    async fn publish(&self, inserted: &[Job]) {
+    /// Publishes the queued ones of jobs just inserted, all in `lane`.
+    async fn publish(&self, inserted: &[Job], lane: i16) {
         let queued: Vec<Enqueued> =
-            inserted.iter().filter(|job| job.status == JobStatus::Queued).map(Enqueued::from).collect();
+            inserted.iter().filter(|job| job.status == JobStatus::Queued).map(|job| Enqueued::of(job, lane)).collect();
         if !queued.is_empty() {
             self.outbox.publish(queued).await;
         }

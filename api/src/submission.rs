@@ -242,6 +242,8 @@ impl SubmitRequest {
             run_at,
             idempotency_key: None,
             request_id: None,
+            // Given by the service, which knows the tenant's lane.
+            lane: 0,
         })
     }
 }

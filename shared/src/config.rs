@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// The defaults, documented key by key; the README points here.
 pub const DEFAULTS: &str = include_str!("../config.default.toml");
 
+/// Most `amqp.lanes`: every worker consumes every lane of its queues.
+pub const MAX_LANES: u16 = 64;
+
 /// Longest `jobs.idempotency_ttl_seconds` accepted: a year.
 const MAX_IDEMPOTENCY_TTL_SECONDS: u64 = 366 * 24 * 3600;
 
@@ -58,6 +61,8 @@ pub struct AmqpSettings {
     pub namespace: String,
     pub confirm_timeout_ms: u64,
     pub heartbeat_seconds: u16,
+    /// RabbitMQ queues per Conveyor queue, tenants spread over them.
+    pub lanes: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +112,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("namespace", &self.namespace)
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("heartbeat_seconds", &self.heartbeat_seconds)
+            .field("lanes", &self.lanes)
             .finish()
     }
 }
@@ -307,6 +313,7 @@ impl Settings {
         check(self.amqp.heartbeat_seconds >= 1, || {
             "amqp.heartbeat_seconds must be at least 1: without heartbeats a frozen worker keeps its messages".into()
         })?;
+        check((1..=MAX_LANES).contains(&self.amqp.lanes), || format!("amqp.lanes must be between 1 and {MAX_LANES}"))?;
         check(self.http.body_limit_bytes >= 1024, || "http.body_limit_bytes must be at least 1024".into())?;
         check(self.http.list_page_bytes >= 1024, || "http.list_page_bytes must be at least 1024".into())?;
         check(self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32, || {

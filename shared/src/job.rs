@@ -295,6 +295,8 @@ pub struct NewJob {
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
     pub request_id: Option<String>,
+    /// Its tenant's lane (see [`crate::db::lanes`]).
+    pub lane: i16,
 }
 
 /// A job made `queued` whose message must be published: what the outbox and
@@ -304,6 +306,8 @@ pub struct Enqueued {
     pub id: Uuid,
     pub queue: String,
     pub priority: i16,
+    /// Its tenant's lane: which of the queue's RabbitMQ queues carries it.
+    pub lane: i16,
     /// When the statement that queued it ran (the job's `updated_at` then, and
     /// its outbox row's `created_at`): tells this queued stint from later ones.
     pub queued_at: DateTime<Utc>,
@@ -315,10 +319,10 @@ impl Enqueued {
     }
 }
 
-impl From<&Job> for Enqueued {
-    /// A job as returned by the statement that queued it.
-    fn from(job: &Job) -> Self {
-        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, queued_at: job.updated_at }
+impl Enqueued {
+    /// A job as returned by the statement that queued it, in `lane`.
+    pub fn of(job: &Job, lane: i16) -> Self {
+        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, lane, queued_at: job.updated_at }
     }
 }
 

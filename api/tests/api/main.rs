@@ -11,6 +11,7 @@ mod cli;
 mod compose;
 mod destinations;
 mod errors;
+mod fairness;
 mod helpers;
 mod idempotency;
 mod kinds;

@@ -35,14 +35,14 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         r#"
         WITH inserted AS (
             INSERT INTO jobs (id, tenant, queue, type, payload, payload_bytes, status, priority, max_attempts,
-                              timeout_seconds, run_at, idempotency_key, request_id)
+                              timeout_seconds, run_at, idempotency_key, request_id, lane)
             SELECT id, tenant, queue, type, payload::jsonb, octet_length(payload),
                    CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
-                   priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id
+                   priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id, lane
             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::int4[],
-                        $8::int4[], $9::timestamptz[], $10::text[], $11::text[])
+                        $8::int4[], $9::timestamptz[], $10::text[], $11::text[], $12::int2[])
                  AS t(id, tenant, queue, type, payload, priority, max_attempts, timeout_seconds, run_at,
-                      idempotency_key, request_id)
+                      idempotency_key, request_id, lane)
             RETURNING *),
         pending AS (
             INSERT INTO outbox (job_id, created_at)
@@ -66,6 +66,7 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         &jobs.iter().map(|j| j.run_at).collect::<Vec<_>>() as _,
         &jobs.iter().map(|j| j.idempotency_key.clone()).collect::<Vec<_>>() as _,
         &jobs.iter().map(|j| j.request_id.clone()).collect::<Vec<_>>() as _,
+        &jobs.iter().map(|j| j.lane).collect::<Vec<_>>(),
     )
     .fetch_all(db)
     .await?;
@@ -105,11 +106,11 @@ pub async fn requeue_one(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> Res
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = $1 AND tenant = $2 AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, updated_at),
+            RETURNING id, queue, priority, lane, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
         "#,
         id,
         tenant,
@@ -153,11 +154,11 @@ pub async fn requeue_exactly(
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = ANY($1) AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, updated_at),
+            RETURNING id, queue, priority, lane, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
         "#,
         ids,
     )
@@ -218,11 +219,11 @@ pub async fn requeue_batch(
                            AND ($5::text IS NULL OR tenant = $5) AND ($6::timestamptz IS NULL OR finished_at >= $6)
                          ORDER BY id LIMIT $7 FOR UPDATE SKIP LOCKED)
               AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, updated_at),
+            RETURNING id, queue, priority, lane, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
         "#,
         filter.status as _,
         after.unwrap_or(Uuid::nil()),
@@ -599,11 +600,11 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Rel
                                                      'kind', 'cancelled', 'attempt', attempt) END,
                 progress = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
             WHERE id = $1 AND lease_token = $2 AND status = 'running'
-            RETURNING id, queue, priority, updated_at, status),
+            RETURNING id, queue, priority, lane, updated_at, status),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved WHERE status = 'queued'
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!",
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!",
                status AS "status!: JobStatus"
         FROM moved
         "#,
@@ -617,6 +618,7 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Rel
             id: row.id,
             queue: row.queue,
             priority: row.priority,
+            lane: row.lane,
             queued_at: row.queued_at,
         }),
         _ => Released::Cancelled,
@@ -646,11 +648,11 @@ pub async fn queue_due(db: impl PgExecutor<'_>, leader: Term, limit: i64) -> Res
                            AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $2
                                                               AND term = $3 AND expires_at > now())
                          ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-            RETURNING id, queue, priority, updated_at),
+            RETURNING id, queue, priority, lane, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
         "#,
         limit,
         leader.holder,
@@ -730,7 +732,7 @@ pub async fn longest_queued(
     let jobs = sqlx::query_as!(
         Enqueued,
         r#"
-        SELECT id, queue, priority, updated_at AS queued_at FROM jobs j
+        SELECT id, queue, priority, lane, updated_at AS queued_at FROM jobs j
         WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
           AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
           AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $4

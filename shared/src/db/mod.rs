@@ -24,6 +24,7 @@ use crate::config::DatabaseSettings;
 pub mod api_keys;
 pub mod idempotency;
 pub mod jobs;
+pub mod lanes;
 pub mod leadership;
 pub mod notify;
 pub mod outbox;

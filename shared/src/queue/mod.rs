@@ -5,12 +5,14 @@
 //!
 //! # Topology (per namespace `ns`, default `conveyor`)
 //!
-//! - queue `ns.<queue>` for every configured queue: durable, classic, with
+//! - queues `ns.<queue>`, `ns.<queue>.1` … `ns.<queue>.<lanes-1>` for every
+//!   configured queue (its lanes: a tenant's jobs all go to one, and workers
+//!   consume them all, so tenants take turns): durable, classic, with
 //!   `x-max-priority` 9 so job priorities are honoured, dead-lettering to `ns.dlx`;
 //! - fanout exchange `ns.dlx` and its queue `ns.dead`: messages a worker could
 //!   not understand end there, for a human to look at, instead of being dropped.
 //!
-//! Jobs are published to the default exchange with the queue's name as the
+//! Jobs are published to the default exchange with their lane's queue name as the
 //! routing key, `mandatory`, persistent, and with publisher confirms.
 
 use serde::{Deserialize, Serialize};
@@ -70,9 +72,24 @@ impl Names {
         Self { namespace: namespace.into() }
     }
 
-    /// The RabbitMQ queue that carries Conveyor queue `queue`.
+    /// The RabbitMQ queue that carries Conveyor queue `queue` (its lane 0).
     pub fn queue(&self, queue: &str) -> String {
         format!("{}.{queue}", self.namespace)
+    }
+
+    /// The RabbitMQ queue of lane `lane` of Conveyor queue `queue`: lane 0 is
+    /// the queue's own name, as before lanes existed, the others `ns.queue.N`.
+    pub fn lane(&self, queue: &str, lane: u16) -> String {
+        match lane {
+            0 => self.queue(queue),
+            n => format!("{}.{queue}.{n}", self.namespace),
+        }
+    }
+
+    /// The lanes of `queue` when there are `lanes` of them.
+    pub fn lanes(&self, queue: &str, lanes: u16) -> impl Iterator<Item = String> + '_ {
+        let queue = queue.to_owned();
+        (0..lanes.max(1)).map(move |lane| self.lane(&queue, lane))
     }
 
     pub fn dead_letter_exchange(&self) -> String {

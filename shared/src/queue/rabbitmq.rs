@@ -54,6 +54,7 @@ pub async fn declare(
     channel: &Channel,
     names: &Names,
     queues: impl IntoIterator<Item = &str>,
+    lanes: u16,
 ) -> Result<(), QueueError> {
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     channel
@@ -77,8 +78,10 @@ pub async fn declare(
         args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY as u8));
         // A rejected (unparseable) message goes to `ns.dead`, never into the void.
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_letter_exchange().into()));
-        let name = names.queue(queue);
-        channel.queue_declare(name.as_str().into(), durable, args).await.map_err(|e| incompatible(e, &name))?;
+        for name in names.lanes(queue, lanes) {
+            let declared = channel.queue_declare(name.as_str().into(), durable, args.clone()).await;
+            declared.map_err(|e| incompatible(e, &name))?;
+        }
     }
     Ok(())
 }
@@ -185,7 +188,7 @@ impl Publisher {
             .map_err(|_| QueueError::Timeout("connecting to RabbitMQ"))??;
         let connection = Arc::new(connection);
         let channel = connection.create_channel().await?;
-        declare(&channel, &inner.names, inner.queues.iter().map(String::as_str)).await?;
+        declare(&channel, &inner.names, inner.queues.iter().map(String::as_str), inner.settings.lanes).await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         *link = Some((connection.clone(), channel.clone()));
         Ok((connection, channel))
@@ -194,11 +197,11 @@ impl Publisher {
     /// Publishes a run-job message for `job_id` to `queue` and waits for
     /// RabbitMQ's confirm: once this returns `Ok`, the message is on disk.
     pub async fn publish_job(&self, queue: &str, job_id: Uuid, priority: i16) -> Result<(), PublishError> {
-        let mut results = self.publish_jobs(&[(queue, job_id, priority)]).await;
+        let mut results = self.publish_jobs(&[(queue, 0, job_id, priority)]).await;
         results.pop().unwrap_or(Err(PublishError::Nacked))
     }
 
-    /// Publishes run-job messages for `jobs` (queue, id, priority), all sent
+    /// Publishes run-job messages for `jobs` (queue, lane, id, priority), all sent
     /// before any confirm is awaited, and waits for their confirms (within one
     /// `amqp.confirm_timeout_ms` for all); a result per job, in order.
     ///
@@ -207,7 +210,7 @@ impl Publisher {
     /// (its request id included) is in its row; properties nobody reads cost
     /// the broker dearly (a headers table and three strings made the confirm
     /// p99 ~6 ms longer under load; docs/BENCHMARKS.md).
-    pub async fn publish_jobs(&self, jobs: &[(&str, Uuid, i16)]) -> Vec<Result<(), PublishError>> {
+    pub async fn publish_jobs(&self, jobs: &[(&str, i16, Uuid, i16)]) -> Vec<Result<(), PublishError>> {
         let timeout = self.inner.settings.confirm_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
@@ -219,12 +222,15 @@ impl Publisher {
             Err(_) => return jobs.iter().map(|_| Err(PublishError::Timeout(timeout))).collect(),
         };
         let mut sent = Vec::with_capacity(jobs.len());
-        for &(queue, job_id, priority) in jobs {
+        let lanes = i32::from(self.inner.settings.lanes.max(1));
+        for &(queue, lane, job_id, priority) in jobs {
             let body = serde_json::to_vec(&Message::RunJob { job_id }).unwrap_or_default();
             let properties = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
                 .with_priority(u8::try_from(priority.clamp(0, MAX_PRIORITY)).unwrap_or(0));
-            let routing_key = self.inner.names.queue(queue);
+            // A lane beyond those configured (amqp.lanes was lowered) folds back in.
+            let lane = u16::try_from(i32::from(lane).rem_euclid(lanes)).unwrap_or(0);
+            let routing_key = self.inner.names.lane(queue, lane);
             // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
             // of confirming a message that went nowhere.
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
@@ -257,17 +263,30 @@ impl Publisher {
         results
     }
 
-    /// Ready messages and consumers of Conveyor queue `queue`, by a passive
-    /// declare on a channel of its own (a failed passive declare closes its channel).
+    /// Ready messages (all lanes) and consumers (of lane 0; every consumer
+    /// takes every lane) of Conveyor queue `queue`, by passive declares on a
+    /// channel of its own (a failed passive declare closes its channel).
     pub async fn queue_stats(&self, queue: &str) -> Result<(u32, u32), QueueError> {
         let (connection, _) = self.link().await?;
         let channel = connection.create_channel().await?;
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let declared =
-            channel.queue_declare(self.inner.names.queue(queue).into(), options, FieldTable::default()).await;
+        let (mut ready, mut consumers) = (0u32, 0u32);
+        for (lane, name) in self.inner.names.lanes(queue, self.inner.settings.lanes).enumerate() {
+            match channel.queue_declare(name.into(), options, FieldTable::default()).await {
+                Ok(declared) => {
+                    ready = ready.saturating_add(declared.message_count());
+                    if lane == 0 {
+                        consumers = declared.consumer_count();
+                    }
+                }
+                Err(e) => {
+                    let _ = channel.close(200, "done".into()).await;
+                    return Err(e.into());
+                }
+            }
+        }
         let _ = channel.close(200, "done".into()).await;
-        let declared = declared?;
-        Ok((declared.message_count(), declared.consumer_count()))
+        Ok((ready, consumers))
     }
 
     /// Whether the broker answers: used by `/readyz`.
@@ -300,30 +319,30 @@ impl Subscription {
             .map_err(|_| QueueError::Timeout("connecting to RabbitMQ"))??;
         let names = Names::new(&settings.namespace);
         let channel = connection.create_channel().await?;
-        declare(&channel, &names, queues.iter().map(String::as_str)).await?;
+        declare(&channel, &names, queues.iter().map(String::as_str), settings.lanes).await?;
         // `global`: the limit is shared by the channel's consumers (RabbitMQ's
         // reading of the flag), so a worker on several queues still holds at most
         // `prefetch` messages in total.
         channel.basic_qos(prefetch, BasicQosOptions { global: true }).await?;
-        let mut consumers = Vec::with_capacity(queues.len());
+        let mut consumers = Vec::with_capacity(queues.len() * usize::from(settings.lanes));
         for queue in queues {
-            // Tags are unique per process and queue, so a restarted worker never
-            // collides with its predecessor's consumers.
-            let tag = format!("{name}.{queue}");
-            let inner = channel
-                .basic_consume(
-                    names.queue(queue).into(),
-                    tag.into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            consumers.push(Consumer { inner, queue: queue.clone(), held: held.clone() });
+            // One consumer per lane on the one channel: when a slot frees,
+            // RabbitMQ offers it to the lanes with messages in turn, so a
+            // tenant's backlog in its lane does not starve the others.
+            for lane in names.lanes(queue, settings.lanes) {
+                // Tags are unique per process and queue, so a restarted worker never
+                // collides with its predecessor's consumers.
+                let tag = format!("{name}.{lane}");
+                let inner = channel
+                    .basic_consume(lane.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+                    .await?;
+                consumers.push(Consumer { inner, queue: queue.clone(), held: held.clone() });
+            }
         }
         Ok(Self { connection, channel, consumers })
     }
 
-    /// The consumers, one per queue, to be read each on its own task.
+    /// The consumers, one per lane of each queue, to be read each on its own task.
     pub fn take_consumers(&mut self) -> Vec<Consumer> {
         std::mem::take(&mut self.consumers)
     }

@@ -25,8 +25,12 @@ fn amqp_settings(namespace: &str) -> crate::config::AmqpSettings {
         namespace: namespace.to_owned(),
         confirm_timeout_ms: 5000,
         heartbeat_seconds: 10,
+        lanes: 1,
     }
 }
+
+/// `amqp.lanes` of the tests that need several (the default's).
+pub const FAIRNESS_TEST_LANES: u16 = 8;
 
 /// A RabbitMQ namespace of one test. Dropping it deletes its queues and exchanges.
 #[derive(Debug)]
@@ -45,7 +49,10 @@ impl AmqpNamespace {
 impl Drop for AmqpNamespace {
     fn drop(&mut self) {
         let names = Names::new(&self.name);
-        let mut queues: Vec<String> = self.queues.iter().map(|q| names.queue(q)).collect();
+        // Lanes a test may have asked for (deleting a queue that is not there is harmless).
+        let lanes = FAIRNESS_TEST_LANES;
+        let mut queues: Vec<String> =
+            self.queues.iter().flat_map(|q| names.lanes(q, lanes).collect::<Vec<_>>()).collect();
         queues.push(names.dead_letter_queue());
         let exchange = names.dead_letter_exchange();
         // Drop cannot await, and the test's runtime may be shutting down: clean
@@ -78,6 +85,7 @@ impl Drop for AmqpNamespace {
 /// jobs without going through HTTP.
 pub fn new_job(kind: &str, payload: serde_json::Value) -> crate::job::NewJob {
     crate::job::NewJob {
+        lane: 0,
         id: uuid::Uuid::now_v7(),
         tenant: "default".to_owned(),
         queue: "default".to_owned(),
@@ -118,6 +126,10 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
     // address; the rate-limit tests turn the limits back on.
     settings.rate_limit.tenant_per_second = 0;
     settings.rate_limit.ip_per_second = 0;
+    // One lane per queue: every lane is a RabbitMQ queue to declare and
+    // delete, and a hundred tests declaring eight per queue at once slowed
+    // the broker for all of them. The fairness tests ask for lanes.
+    settings.amqp.lanes = 1;
     settings
 }
 
@@ -131,6 +143,7 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ("AMQP_URL", amqp.url.clone()),
         ("CONVEYOR__AMQP__NAMESPACE", amqp.namespace.clone()),
         ("CONVEYOR__AMQP__HEARTBEAT_SECONDS", amqp.heartbeat_seconds.to_string()),
+        ("CONVEYOR__AMQP__LANES", amqp.lanes.to_string()),
         ("CONVEYOR__DATABASE__MIGRATE_ON_START", "false".to_owned()),
         ("CONVEYOR__WORKER__HEARTBEAT_SECONDS", worker.heartbeat_seconds.to_string()),
         ("CONVEYOR__WORKER__LEASE_SECONDS", worker.lease_seconds.to_string()),

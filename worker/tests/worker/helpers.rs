@@ -59,7 +59,7 @@ impl Harness {
         for _ in 0..n {
             let job = shared::testing::new_job(kind, payload.clone());
             let job = jobs::insert(&self.pool, &job).await.expect("insert");
-            published.push(Enqueued::from(&job));
+            published.push(Enqueued::of(&job, 0));
         }
         let ids = published.iter().map(|j| j.id).collect();
         let rows: Vec<_> = published.iter().map(Enqueued::outbox_row).collect();

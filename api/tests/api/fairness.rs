@@ -1,0 +1,51 @@
+//! Fairness between tenants: one tenant's backlog in a queue does not hold
+//! up another tenant's jobs in the same queue.
+
+use std::time::{Duration, Instant};
+
+use api::auth::Scope;
+use serde_json::{Value, json};
+use shared::job::{Job, JobStatus};
+use sqlx::postgres::PgConnectOptions;
+
+use crate::helpers::{TestApp, client_with, key, spawn_app_with, wait_until};
+use crate::submit::PgPoolOptionsUnused;
+
+/// Tenant A's backlog of 2,000 jobs of 200 ms, two workers of 16, and a job of
+/// tenant B submitted once A's jobs run: B's is done within 2 s.
+async fn noisy_neighbour(app: &mut TestApp) -> Duration {
+    let backlog = json!({"jobs": vec![json!({"type": "sleep", "payload": {"ms": 200}}); 1000]});
+    for _ in 0..2 {
+        let answer = app.client.post(app.url("/v1/jobs/batch")).json(&backlog).send().await.expect("answered");
+        assert_eq!(answer.status(), 202);
+    }
+    app.spawn_worker(&["default"], 16);
+    app.spawn_worker(&["default"], 16);
+    let busy = wait_until(Duration::from_secs(20), || async { app.count_in(JobStatus::Running).await >= 16 }).await;
+    assert!(busy, "tenant A's jobs never started");
+
+    let tenant_b = client_with(&key(&app.pool, "b", &[Scope::JobsRead, Scope::JobsWrite]).await);
+    let submitted = Instant::now();
+    let answer = tenant_b.post(app.url("/v1/jobs")).json(&json!({"type": "noop"})).send().await.expect("answered");
+    assert_eq!(answer.status(), 202);
+    let job: Job = answer.json().await.expect("the job");
+    let done = wait_until(Duration::from_secs(30), || async {
+        let answer = tenant_b.get(app.url(&format!("/v1/jobs/{}", job.id))).send().await.expect("answered");
+        let job: Value = answer.json().await.expect("the job");
+        job["status"] == "succeeded"
+    })
+    .await;
+    let took = submitted.elapsed();
+    assert!(done, "tenant B's job never ran");
+    let left = app.count_in(JobStatus::Queued).await;
+    assert!(left > 1000, "tenant A's backlog was mostly there all along ({left} queued when B's job was done)");
+    took
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn one_tenants_backlog_does_not_hold_up_another_tenants_job(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app_with(connect, |s| s.amqp.lanes = shared::testing::FAIRNESS_TEST_LANES).await;
+    let took = noisy_neighbour(&mut app).await;
+    assert!(took < Duration::from_secs(2), "tenant B's job took {took:?} behind tenant A's backlog");
+    app.stop().await;
+}
