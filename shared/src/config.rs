@@ -42,7 +42,15 @@ pub struct Settings {
     pub queues: BTreeMap<String, QueueSettings>,
     pub worker: WorkerSettings,
     pub rate_limit: RateLimitSettings,
+    pub tenants: TenantSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Jobs of one tenant running at once across all workers; 0: no cap.
+    pub max_running: u32,
 }
 
 #[derive(Clone, Deserialize)]

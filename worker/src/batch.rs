@@ -16,11 +16,16 @@ const BATCH: usize = 256;
 pub struct Claimer(Batcher<Uuid, Option<Claimed>, db::Error>);
 
 impl Claimer {
-    pub fn spawn(tasks: &TaskTracker, pool: PgPool, worker: Uuid, lease_seconds: i32) -> Self {
+    /// With `max_running` > 0, no tenant runs more than that at once (see
+    /// [`jobs::claim_many_capped`]); a job that does not fit is parked.
+    pub fn spawn(tasks: &TaskTracker, pool: PgPool, worker: Uuid, lease_seconds: i32, max_running: i32) -> Self {
         Self(Batcher::spawn(tasks, BATCH, move |ids: Vec<Uuid>| {
             let pool = pool.clone();
             async move {
-                let mut claimed = jobs::claim_many(&pool, &ids, worker, lease_seconds).await?;
+                let mut claimed = match max_running {
+                    0 => jobs::claim_many(&pool, &ids, worker, lease_seconds).await?,
+                    cap => jobs::claim_many_capped(&pool, &ids, worker, lease_seconds, cap).await?,
+                };
                 // Taken out, not copied: if two messages for one job share a
                 // batch, only the first runs it; the other is a duplicate.
                 Ok(ids

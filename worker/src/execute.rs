@@ -97,6 +97,15 @@ enum Ran {
 }
 
 /// What to write after a run.
+/// The bounds an executor claims jobs within.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `worker.lease_seconds`.
+    pub lease_seconds: u32,
+    /// `tenants.max_running`; 0: no cap.
+    pub max_running: u32,
+}
+
 #[derive(Debug)]
 enum After {
     Finish(Outcome),
@@ -114,14 +123,15 @@ impl Executor {
         pool: PgPool,
         outbox: Outbox,
         settings: JobSettings,
-        lease_seconds: u32,
+        limits: Limits,
         resources: Resources,
         tasks: &TaskTracker,
     ) -> Self {
-        let lease_seconds = i32::try_from(lease_seconds).unwrap_or(i32::MAX);
+        let lease_seconds = i32::try_from(limits.lease_seconds).unwrap_or(i32::MAX);
+        let max_running = i32::try_from(limits.max_running).unwrap_or(i32::MAX);
         Self {
             resources,
-            claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds),
+            claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds, max_running),
             outcomes: OutcomeWriter::spawn(tasks, pool.clone()),
             pool,
             outbox,

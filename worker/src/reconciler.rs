@@ -80,6 +80,8 @@ pub struct Reconciler {
     /// Per queue, the messages found missing at the previous look.
     suspects: HashMap<String, i64>,
     next_lost_check: Instant,
+    /// `tenants.max_running`: parked jobs are published again as room frees.
+    max_running: i32,
 }
 
 impl Reconciler {
@@ -94,6 +96,7 @@ impl Reconciler {
             ttl: worker.leader_ttl(),
             heartbeat: worker.heartbeat(),
             outbox_grace_seconds: i32::try_from(worker.outbox_grace_seconds).unwrap_or(i32::MAX),
+            max_running: i32::try_from(settings.tenants.max_running).unwrap_or(i32::MAX),
             live_seconds: i32::try_from(worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX),
             suspects: HashMap::new(),
             next_lost_check: Instant::now(),
@@ -224,6 +227,14 @@ impl Reconciler {
                 break;
             }
             self.renew(lead, false).await?;
+        }
+        if self.max_running > 0 {
+            self.renew(lead, false).await?;
+            let unparked = jobs::unpark(&self.pool, lead.term, self.max_running, BATCH).await?;
+            if !unparked.is_empty() {
+                tracing::debug!(count = unparked.len(), "published parked jobs of tenants under their cap");
+                self.publish(unparked, lead).await;
+            }
         }
         self.renew(lead, false).await?;
         let rescued = jobs::rescue_expired(&self.pool, lead.term, BATCH).await?;

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::execute::Executor;
+use crate::execute::{Executor, Limits};
 use crate::reconciler::Reconciler;
 
 /// What a worker consumes and how much it runs at once.
@@ -97,7 +97,10 @@ impl Worker {
             self.pool.clone(),
             outbox.clone(),
             self.settings.jobs.clone(),
-            self.settings.worker.lease_seconds,
+            Limits {
+                lease_seconds: self.settings.worker.lease_seconds,
+                max_running: self.settings.tenants.max_running,
+            },
             resources,
             &background,
         ));

@@ -49,3 +49,45 @@ async fn one_tenants_backlog_does_not_hold_up_another_tenants_job(_: PgPoolOptio
     assert!(took < Duration::from_secs(2), "tenant B's job took {took:?} behind tenant A's backlog");
     app.stop().await;
 }
+
+async fn running_of(app: &TestApp, tenant: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE tenant = $1 AND status = 'running'")
+        .bind(tenant)
+        .fetch_one(&app.pool)
+        .await
+        .expect("counted")
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_tenant_runs_at_most_max_running_jobs_across_workers(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let mut app = spawn_app_with(connect, |s| s.tenants.max_running = 2).await;
+    let tenant_b = client_with(&key(&app.pool, "b", &[Scope::JobsRead, Scope::JobsWrite]).await);
+    let sleep = json!({"type": "sleep", "payload": {"ms": 300}});
+    let a = app.client.post(app.url("/v1/jobs/batch")).json(&json!({"jobs": vec![sleep.clone(); 10]})).send();
+    assert_eq!(a.await.expect("answered").status(), 202);
+    let b = tenant_b.post(app.url("/v1/jobs/batch")).json(&json!({"jobs": vec![sleep; 2]})).send();
+    assert_eq!(b.await.expect("answered").status(), 202);
+    app.spawn_worker(&["default"], 8);
+    app.spawn_worker(&["default"], 8);
+
+    // Sampled until every job is done: A never runs more than 2, and B runs
+    // beside A at its cap (the cap is per tenant, not a global one).
+    let (most_a, b_beside_full_a) = (std::cell::Cell::new(0), std::cell::Cell::new(false));
+    let done = wait_until(Duration::from_secs(60), || async {
+        let (running_a, running_b) = (running_of(&app, "default").await, running_of(&app, "b").await);
+        most_a.set(most_a.get().max(running_a));
+        b_beside_full_a.set(b_beside_full_a.get() || (running_a == 2 && running_b > 0));
+        app.count_in(JobStatus::Succeeded).await == 12
+    })
+    .await;
+    let (most_a, b_beside_full_a) = (most_a.get(), b_beside_full_a.get());
+    assert!(done, "not every job ran: {:?}", shared::testing::db::statuses(&app.pool).await);
+    assert_eq!(most_a, 2, "tenant A ran {most_a} jobs at once with tenants.max_running = 2");
+    assert!(b_beside_full_a, "tenant B never ran while tenant A was at its cap");
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE parked_at IS NOT NULL")
+        .fetch_one(&app.pool)
+        .await
+        .expect("counted");
+    assert_eq!(parked, 0, "a finished job is not parked");
+    app.stop().await;
+}

@@ -102,7 +102,7 @@ pub async fn requeue_one(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> Res
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(),
+            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL,
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = $1 AND tenant = $2 AND status IN ('failed', 'cancelled')
@@ -150,7 +150,7 @@ pub async fn requeue_exactly(
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(),
+            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL,
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = ANY($1) AND status IN ('failed', 'cancelled')
@@ -210,7 +210,7 @@ pub async fn requeue_batch(
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(),
+            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL,
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id IN (SELECT id FROM jobs
@@ -562,6 +562,109 @@ pub async fn claim_many(
     Ok(claimed)
 }
 
+/// Like [`claim_many`], for a platform with `tenants.max_running` =
+/// `max_running`: a tenant's jobs are claimed only while it runs fewer than
+/// that, across every worker (its claims are serialised by an advisory lock
+/// per tenant, and its running jobs counted after taking it). A job that
+/// does not fit is parked: it stays queued, without a message (the caller
+/// acknowledges it), until [`unpark`] publishes it again.
+pub async fn claim_many_capped(
+    pool: &sqlx::PgPool,
+    ids: &[Uuid],
+    worker: Uuid,
+    lease_seconds: i32,
+    max_running: i32,
+) -> Result<Vec<Claimed>> {
+    let mut tx = pool.begin().await?;
+    // In one order everywhere, so two workers' claims never deadlock.
+    sqlx::query!(
+        r#"
+        SELECT pg_advisory_xact_lock(k) AS "locked!: ()" FROM (
+            SELECT DISTINCT hashtextextended('conveyor.tenant.' || tenant, 0) AS k
+            FROM jobs WHERE id = ANY($1) AND status = 'queued' ORDER BY k) AS tenants
+        "#,
+        ids,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    // A statement of its own: its snapshot sees every claim committed before
+    // the locks were granted.
+    let claimed = sqlx::query_as!(
+        Claimed,
+        r#"
+        WITH candidates AS (
+            SELECT id, tenant, row_number() OVER (PARTITION BY tenant ORDER BY priority DESC, id) AS n
+            FROM jobs WHERE id = ANY($1) AND status = 'queued'),
+        room AS (
+            SELECT t.tenant,
+                   $4 - (SELECT count(*) FROM jobs r WHERE r.tenant = t.tenant AND r.status = 'running') AS free
+            FROM (SELECT DISTINCT tenant FROM candidates) AS t),
+        chosen AS (
+            SELECT c.id FROM candidates c JOIN room USING (tenant) WHERE c.n <= room.free),
+        parked AS (
+            UPDATE jobs SET parked_at = now()
+            WHERE id IN (SELECT id FROM candidates) AND id NOT IN (SELECT id FROM chosen)
+            RETURNING id)
+        UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(), updated_at = now(),
+                        progress = NULL, lease_owner = $2, lease_token = gen_random_uuid(),
+                        lease_expires_at = now() + make_interval(secs => $3), parked_at = NULL
+        WHERE id IN (SELECT id FROM chosen) AND status = 'queued'
+        RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", attempt, max_attempts, timeout_seconds,
+                  request_id,
+                  lease_token AS "lease_token!"
+        "#,
+        ids,
+        worker,
+        f64::from(lease_seconds),
+        i64::from(max_running),
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// Reconciler (`tenants.max_running`): publishes parked jobs again, for each
+/// tenant as many as it has room for (its cap less its running jobs and its
+/// queued jobs that have a message), highest priority and oldest first, up
+/// to `limit` in all. Fenced by `leader` like [`queue_due`].
+pub async fn unpark(db: impl PgExecutor<'_>, leader: Term, max_running: i32, limit: i64) -> Result<Vec<Enqueued>> {
+    let unparked = sqlx::query_as!(
+        Enqueued,
+        r#"
+        WITH room AS (
+            SELECT t.tenant,
+                   $1 - (SELECT count(*) FROM jobs r
+                         WHERE r.tenant = t.tenant
+                           AND (r.status = 'running' OR (r.status = 'queued' AND r.parked_at IS NULL))) AS free
+            FROM (SELECT DISTINCT tenant FROM jobs WHERE parked_at IS NOT NULL AND status = 'queued') AS t),
+        picked AS (
+            SELECT p.id FROM room, LATERAL (
+                SELECT id FROM jobs j
+                WHERE j.tenant = room.tenant AND j.parked_at IS NOT NULL AND j.status = 'queued'
+                ORDER BY j.priority DESC, j.id LIMIT greatest(room.free, 0)) AS p
+            LIMIT $2),
+        moved AS (
+            UPDATE jobs SET parked_at = NULL, updated_at = now()
+            WHERE id IN (SELECT id FROM picked) AND status = 'queued'
+              AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $3
+                                                 AND term = $4 AND expires_at > now())
+            RETURNING id, queue, priority, lane, updated_at),
+        pending AS (
+            INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
+            ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
+        "#,
+        i64::from(max_running),
+        limit,
+        leader.holder,
+        leader.term,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(unparked)
+}
+
 /// Extends the leases a worker still holds by `lease_seconds`. Returns, for
 /// each lease still held, whether a client asked to cancel the job; a lease
 /// missing from the answer is lost (expired and rescued, or the job ended).
@@ -704,7 +807,7 @@ pub async fn confirmed_queued(db: impl PgExecutor<'_>, queue: &str, grace_second
         SELECT count(*) AS "count!" FROM (
             SELECT FROM jobs j
             WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
-              AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
+              AND j.parked_at IS NULL AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
             LIMIT $3) AS confirmed
         "#,
         queue,
@@ -734,7 +837,7 @@ pub async fn longest_queued(
         r#"
         SELECT id, queue, priority, lane, updated_at AS queued_at FROM jobs j
         WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
-          AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
+          AND j.parked_at IS NULL AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
           AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $4
                                              AND term = $5 AND expires_at > now())
         ORDER BY j.updated_at LIMIT $3

@@ -19,7 +19,8 @@ fn executor(h: &Harness) -> Executor {
     let tasks = TaskTracker::new();
     let outbox = Outbox::new(h.publisher.clone(), h.pool.clone(), &tasks);
     let resources = Resources::new(&h.settings.jobs).expect("valid settings");
-    Executor::new(Uuid::now_v7(), h.pool.clone(), outbox, h.settings.jobs.clone(), 30, resources, &tasks)
+    let limits = worker::execute::Limits { lease_seconds: 30, max_running: 0 };
+    Executor::new(Uuid::now_v7(), h.pool.clone(), outbox, h.settings.jobs.clone(), limits, resources, &tasks)
 }
 
 fn run_job(id: Uuid) -> Vec<u8> {
