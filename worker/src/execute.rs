@@ -258,13 +258,18 @@ impl Executor {
         };
         // The claim is committed: from here on Postgres holds the job (its lease),
         // so the message has done its work. If this ack is lost, the redelivered
-        // message finds the job running and is dropped.
-        if let Err(e) = delivery.ack().await {
-            tracing::warn!(job.id = %job_id, error = %e, "could not acknowledge a claimed job's message");
-        }
+        // message finds the job running and is dropped. The job does not wait
+        // for the ack: on a connection that just died an ack can hang (bounded,
+        // but seconds), and a claimed job that does not run or renew its lease
+        // is only rescued when the lease expires.
+        let acked = async move {
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!(job.id = %job_id, error = %e, "could not acknowledge a claimed job's message");
+            }
+        };
         let request_id = job.request_id.clone().unwrap_or_default();
         let span = tracing::info_span!("job", job.id = %job.id, job.kind = %job.kind, job.attempt = job.attempt, request_id = %request_id);
-        self.execute(job).instrument(span).await;
+        tokio::join!(acked, self.execute(job).instrument(span));
     }
 
     /// A message whose job is not queued: a duplicate (already claimed), or for

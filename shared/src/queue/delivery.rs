@@ -16,6 +16,10 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use super::{Message, QueueError};
 
+/// Longest a settle (ack or nack) may take. Neither waits for the broker's
+/// answer, so a live connection settles at once; a dead one never does.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How a delivery was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settlement {
@@ -81,14 +85,21 @@ impl Delivery {
     async fn settle(self, how: Settlement) -> Result<(), QueueError> {
         match self.settle {
             Settle::Amqp(acker) => {
-                let settled = match how {
-                    Settlement::Ack => acker.ack(BasicAckOptions::default()).await?,
-                    // A nack without requeue goes to the queue's dead-letter exchange.
-                    Settlement::Requeue | Settlement::DeadLetter => {
-                        let requeue = how == Settlement::Requeue;
-                        acker.nack(BasicNackOptions { requeue, ..BasicNackOptions::default() }).await?
+                let settle = async {
+                    match how {
+                        Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
+                        // A nack without requeue goes to the queue's dead-letter exchange.
+                        Settlement::Requeue | Settlement::DeadLetter => {
+                            let requeue = how == Settlement::Requeue;
+                            acker.nack(BasicNackOptions { requeue, ..BasicNackOptions::default() }).await
+                        }
                     }
                 };
+                // Bounded: on a connection that died mid-flight, a settle can
+                // wait forever, and with it whatever waits for the settle.
+                let settled = tokio::time::timeout(SETTLE_TIMEOUT, settle)
+                    .await
+                    .map_err(|_| QueueError::Timeout("settling a delivery"))??;
                 if settled { Ok(()) } else { Err(QueueError::ChannelClosed) }
             }
             #[cfg(feature = "test-util")]
