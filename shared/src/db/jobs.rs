@@ -588,38 +588,30 @@ pub async fn claim_many_capped(
     .fetch_all(&mut *tx)
     .await?;
     // A statement of its own: its snapshot sees every claim committed before
-    // the locks were granted.
-    let claimed = sqlx::query_as!(
-        Claimed,
+    // the locks were granted. It parks what does not fit and names what does.
+    let fitting = sqlx::query_scalar!(
         r#"
         WITH candidates AS (
             SELECT id, tenant, row_number() OVER (PARTITION BY tenant ORDER BY priority DESC, id) AS n
             FROM jobs WHERE id = ANY($1) AND status = 'queued'),
         room AS (
             SELECT t.tenant,
-                   $4 - (SELECT count(*) FROM jobs r WHERE r.tenant = t.tenant AND r.status = 'running') AS free
+                   $2 - (SELECT count(*) FROM jobs r WHERE r.tenant = t.tenant AND r.status = 'running') AS free
             FROM (SELECT DISTINCT tenant FROM candidates) AS t),
-        chosen AS (
+        fitting AS (
             SELECT c.id FROM candidates c JOIN room USING (tenant) WHERE c.n <= room.free),
         parked AS (
             UPDATE jobs SET parked_at = now()
-            WHERE id IN (SELECT id FROM candidates) AND id NOT IN (SELECT id FROM chosen)
+            WHERE id IN (SELECT id FROM candidates) AND id NOT IN (SELECT id FROM fitting)
             RETURNING id)
-        UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(), updated_at = now(),
-                        progress = NULL, lease_owner = $2, lease_token = gen_random_uuid(),
-                        lease_expires_at = now() + make_interval(secs => $3), parked_at = NULL
-        WHERE id IN (SELECT id FROM chosen) AND status = 'queued'
-        RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", attempt, max_attempts, timeout_seconds,
-                  request_id,
-                  lease_token AS "lease_token!"
+        SELECT id AS "id!" FROM fitting
         "#,
         ids,
-        worker,
-        f64::from(lease_seconds),
         i64::from(max_running),
     )
     .fetch_all(&mut *tx)
     .await?;
+    let claimed = claim_many(&mut *tx, &fitting, worker, lease_seconds).await?;
     tx.commit().await?;
     Ok(claimed)
 }
