@@ -47,9 +47,9 @@ impl InFlight {
     }
 }
 
-/// Probes are never shed: an orchestrator must not restart a replica for
-/// being busy, nor take it out of rotation for a moment's flood.
-fn exempt(path: &str) -> bool {
+/// Probes are never shed nor rate limited: an orchestrator must not restart
+/// a replica for being busy, nor take it out of rotation for a moment's flood.
+pub fn is_probe(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
@@ -61,7 +61,7 @@ pub async fn shed(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let in_flight = req.app_data::<web::Data<Arc<InFlight>>>().map(|data| data.get_ref().clone());
     let place = match in_flight {
-        Some(in_flight) if !exempt(req.path()) => match in_flight.enter() {
+        Some(in_flight) if !is_probe(req.path()) => match in_flight.enter() {
             Some(place) => Some(place),
             None => {
                 let refusal = ApiError::Unavailable(format!(

@@ -373,11 +373,6 @@ pub fn parse_proxy(entry: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{entry:?} is neither an address nor a CIDR"))
 }
 
-/// Paths never limited: probes must see a busy replica as alive.
-fn exempt(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics")
-}
-
 /// Middleware: the address limit before anything else runs, and the caller's
 /// `RateLimit-*` headers on the way out.
 pub async fn limit(
@@ -386,7 +381,7 @@ pub async fn limit(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let limits = req.app_data::<web::Data<Arc<Limits>>>().map(|data| data.get_ref().clone());
     if let Some(limits) = &limits
-        && !exempt(req.path())
+        && !overload::is_probe(req.path())
         && let Some(peer) = req.peer_addr().map(|addr| addr.ip())
     {
         let forwarded = req.headers().get_all("x-forwarded-for").filter_map(|v| v.to_str().ok());
