@@ -91,3 +91,27 @@ async fn a_tenant_runs_at_most_max_running_jobs_across_workers(_: PgPoolOptionsU
     assert_eq!(parked, 0, "a finished job is not parked");
     app.stop().await;
 }
+
+/// A tenant's first submissions, many at once: each gets its 202 (the lane is
+/// given once, and every concurrent request learns which).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_tenants_concurrent_first_submissions_all_succeed(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app_with(connect, |s| s.amqp.lanes = shared::testing::FAIRNESS_TEST_LANES).await;
+    let mut requests = tokio::task::JoinSet::new();
+    for tenant in ["x", "y", "z"] {
+        let client = client_with(&key(&app.pool, tenant, &[Scope::JobsWrite]).await);
+        for _ in 0..16 {
+            let (client, url) = (client.clone(), app.url("/v1/jobs"));
+            requests.spawn(async move {
+                let answer = client.post(url).json(&json!({"type": "noop"})).send().await;
+                answer.expect("answered").status().as_u16()
+            });
+        }
+    }
+    let codes = requests.join_all().await;
+    assert!(codes.iter().all(|&code| code == 202), "answers: {codes:?}");
+    let lanes: Vec<i32> =
+        sqlx::query_scalar("SELECT lane FROM tenant_lanes ORDER BY lane").fetch_all(&app.pool).await.expect("lanes");
+    assert_eq!(lanes, [0, 1, 2], "one lane each, round robin");
+    app.stop().await;
+}

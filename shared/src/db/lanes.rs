@@ -7,28 +7,38 @@
 //! first submission, so the first `amqp.lanes` tenants each have a lane of
 //! their own; later ones share.
 
-use sqlx::PgExecutor;
+use sqlx::PgPool;
 
 use super::Result;
 
 /// The lane of `tenant`, given now if it has none (a number that may exceed
 /// the lanes configured: take it modulo their count).
-pub async fn of(db: impl PgExecutor<'_>, tenant: &str) -> Result<i32> {
-    let lane = sqlx::query_scalar!(
+///
+/// Giving one takes a lock on the table, once per tenant and API replica:
+/// two first submissions at once must both learn the one lane given (a
+/// single `INSERT … ON CONFLICT` cannot, its snapshot predates the winner's
+/// commit), and two new tenants at once must not both count the same lanes.
+pub async fn of(db: &PgPool, tenant: &str) -> Result<i32> {
+    let known = sqlx::query_scalar!("SELECT lane FROM tenant_lanes WHERE tenant = $1", tenant);
+    if let Some(lane) = known.fetch_optional(db).await? {
+        return Ok(lane);
+    }
+    let mut tx = db.begin().await?;
+    // Conflicts with itself, not with readers: lookups of known lanes go on.
+    sqlx::query!("LOCK TABLE tenant_lanes IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    // Statements after the lock see every lane given before it.
+    sqlx::query!(
         r#"
-        WITH given AS (
-            INSERT INTO tenant_lanes (tenant, lane)
-            SELECT $1, count(*)::int FROM tenant_lanes
-            ON CONFLICT (tenant) DO NOTHING
-            RETURNING lane)
-        SELECT lane AS "lane!" FROM given
-        UNION ALL
-        SELECT lane FROM tenant_lanes WHERE tenant = $1
-        LIMIT 1
+        INSERT INTO tenant_lanes (tenant, lane)
+        SELECT $1, count(*)::int FROM tenant_lanes
+        ON CONFLICT (tenant) DO NOTHING
         "#,
         tenant,
     )
-    .fetch_one(db)
+    .execute(&mut *tx)
     .await?;
+    let lane =
+        sqlx::query_scalar!("SELECT lane FROM tenant_lanes WHERE tenant = $1", tenant).fetch_one(&mut *tx).await?;
+    tx.commit().await?;
     Ok(lane)
 }
