@@ -10,7 +10,7 @@ use shared::batch::Batcher;
 use shared::config::Settings;
 use shared::db::idempotency::Keyed;
 use shared::db::{self, jobs};
-use shared::job::{Cancel, Enqueued, Job, JobStatus, ListFilter, ListedJob, NewJob};
+use shared::job::{Cancel, Enqueued, Job, JobStatus, ListFilter, ListedJob, NewJob, stamp_messages};
 use shared::outbox::Outbox;
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
@@ -138,7 +138,7 @@ impl JobService {
         new_job.lane = lane;
         let (Some(key), Some(hash)) = (key, hash) else {
             let job = self.inserter.call(new_job).await??;
-            self.publish(std::slice::from_ref(&job), lane).await;
+            self.publish(std::slice::from_ref(&job), lane, &[None]).await;
             return Ok(Submitted { jobs: job, replayed: false });
         };
         let submitted = self.insert_keyed(tenant, key, &hash, vec![new_job]).await?;
@@ -168,11 +168,13 @@ impl JobService {
             job.request_id.clone_from(&request_id);
             job.lane = lane;
         }
+        stamp_messages(&mut new_jobs, usize::from(self.settings.amqp.jobs_per_message));
         if let (Some(key), Some(hash)) = (key, hash) {
             return self.insert_keyed(tenant, key, &hash, new_jobs).await;
         }
         let created = jobs::insert_many(&self.pool, &new_jobs).await?;
-        self.publish(&created, lane).await;
+        let messages: Vec<_> = new_jobs.iter().map(|job| job.message_id).collect();
+        self.publish(&created, lane, &messages).await;
         Ok(Submitted { jobs: created, replayed: false })
     }
 
@@ -190,10 +192,11 @@ impl JobService {
             job.idempotency_key = Some(key.clone());
         }
         let lane = jobs.first().map_or(0, |job| job.lane);
+        let messages: Vec<_> = jobs.iter().map(|job| job.message_id).collect();
         let ttl = i64::try_from(self.settings.jobs.idempotency_ttl_seconds).unwrap_or(i64::MAX);
         match db::idempotency::submit(&self.pool, tenant, &key, hash, ttl, &jobs).await? {
             Keyed::Created(created) => {
-                self.publish(&created, lane).await;
+                self.publish(&created, lane, &messages).await;
                 Ok(Submitted { jobs: created, replayed: false })
             }
             Keyed::Replayed(ids) => {
@@ -211,10 +214,15 @@ impl JobService {
         }
     }
 
-    /// Publishes the queued ones of jobs just inserted, all in `lane`.
-    async fn publish(&self, inserted: &[Job], lane: i16) {
-        let queued: Vec<Enqueued> =
-            inserted.iter().filter(|job| job.status == JobStatus::Queued).map(|job| Enqueued::of(job, lane)).collect();
+    /// Publishes the queued ones of jobs just inserted, all in `lane`, each
+    /// in the message it was stamped with (`messages`, in the same order).
+    async fn publish(&self, inserted: &[Job], lane: i16, messages: &[Option<Uuid>]) {
+        let queued: Vec<Enqueued> = inserted
+            .iter()
+            .zip(messages)
+            .filter(|(job, _)| job.status == JobStatus::Queued)
+            .map(|(job, message)| Enqueued::of(job, lane, *message))
+            .collect();
         if !queued.is_empty() {
             self.outbox.publish(queued).await;
         }

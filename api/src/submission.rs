@@ -244,6 +244,7 @@ impl SubmitRequest {
             request_id: None,
             // Given by the service, which knows the tenant's lane.
             lane: 0,
+            message_id: None,
         })
     }
 }

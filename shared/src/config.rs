@@ -16,6 +16,10 @@ pub const DEFAULTS: &str = include_str!("../config.default.toml");
 /// Most `amqp.lanes`: every worker consumes every lane of its queues.
 pub const MAX_LANES: u16 = 64;
 
+/// Most `amqp.jobs_per_message`: 64 ids keep a message under the 4 KiB below
+/// which RabbitMQ stores it with its queue index rather than in its message store.
+pub const MAX_JOBS_PER_MESSAGE: u16 = 64;
+
 /// Longest `jobs.idempotency_ttl_seconds` accepted: a year.
 const MAX_IDEMPOTENCY_TTL_SECONDS: u64 = 366 * 24 * 3600;
 
@@ -71,6 +75,8 @@ pub struct AmqpSettings {
     pub heartbeat_seconds: u16,
     /// RabbitMQ queues per Conveyor queue, tenants spread over them.
     pub lanes: u16,
+    /// Jobs of one batch submission carried by one message, at most.
+    pub jobs_per_message: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +127,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("heartbeat_seconds", &self.heartbeat_seconds)
             .field("lanes", &self.lanes)
+            .field("jobs_per_message", &self.jobs_per_message)
             .finish()
     }
 }
@@ -322,6 +329,9 @@ impl Settings {
             "amqp.heartbeat_seconds must be at least 1: without heartbeats a frozen worker keeps its messages".into()
         })?;
         check((1..=MAX_LANES).contains(&self.amqp.lanes), || format!("amqp.lanes must be between 1 and {MAX_LANES}"))?;
+        check((1..=MAX_JOBS_PER_MESSAGE).contains(&self.amqp.jobs_per_message), || {
+            format!("amqp.jobs_per_message must be between 1 and {MAX_JOBS_PER_MESSAGE}")
+        })?;
         check(self.http.body_limit_bytes >= 1024, || "http.body_limit_bytes must be at least 1024".into())?;
         check(self.http.list_page_bytes >= 1024, || "http.list_page_bytes must be at least 1024".into())?;
         check(self.auth.jwt_hs256_secret.is_empty() || self.auth.jwt_hs256_secret.len() >= 32, || {

@@ -2,6 +2,7 @@
 //! values the API, the workers and the storage layer pass each other about
 //! jobs (what was queued, what was claimed, how a run ended, filters).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -297,6 +298,28 @@ pub struct NewJob {
     pub request_id: Option<String>,
     /// Its tenant's lane (see [`crate::db::lanes`]).
     pub lane: i16,
+    /// The message that will carry it with others of its batch (the first
+    /// one's id); `None`: a message of its own. See [`stamp_messages`].
+    pub message_id: Option<Uuid>,
+}
+
+/// Groups a batch's jobs into messages of up to `per_message` jobs, by queue
+/// and priority (what a message has one of; a batch has one tenant, so one
+/// lane): each job's `message_id` is the id of its message's first job.
+/// Scheduled jobs are left alone; they are published when due, each on its own.
+pub fn stamp_messages(jobs: &mut [NewJob], per_message: usize) {
+    if per_message <= 1 {
+        return;
+    }
+    let mut open: HashMap<(String, i16), (Uuid, usize)> = HashMap::new();
+    for job in jobs.iter_mut().filter(|job| job.run_at.is_none()) {
+        let slot = open.entry((job.queue.clone(), job.priority)).or_insert((job.id, 0));
+        if slot.1 == per_message {
+            *slot = (job.id, 0);
+        }
+        slot.1 += 1;
+        job.message_id = Some(slot.0);
+    }
 }
 
 /// A job made `queued` whose message must be published: what the outbox and
@@ -308,6 +331,8 @@ pub struct Enqueued {
     pub priority: i16,
     /// Its tenant's lane: which of the queue's RabbitMQ queues carries it.
     pub lane: i16,
+    /// The message it shares with others of its batch (see [`NewJob::message_id`]).
+    pub message_id: Option<Uuid>,
     /// When the statement that queued it ran (the job's `updated_at` then, and
     /// its outbox row's `created_at`): tells this queued stint from later ones.
     pub queued_at: DateTime<Utc>,
@@ -320,9 +345,17 @@ impl Enqueued {
 }
 
 impl Enqueued {
-    /// A job as returned by the statement that queued it, in `lane`.
-    pub fn of(job: &Job, lane: i16) -> Self {
-        Self { id: job.id, queue: job.queue.clone(), priority: job.priority, lane, queued_at: job.updated_at }
+    /// A job as returned by the statement that queued it, in `lane`, carried
+    /// by message `message_id` (see [`NewJob::message_id`]).
+    pub fn of(job: &Job, lane: i16, message_id: Option<Uuid>) -> Self {
+        Self {
+            id: job.id,
+            queue: job.queue.clone(),
+            priority: job.priority,
+            lane,
+            message_id,
+            queued_at: job.updated_at,
+        }
     }
 }
 
@@ -467,6 +500,48 @@ pub fn retry_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(queue: &str, priority: i16, run_at: Option<DateTime<Utc>>) -> NewJob {
+        NewJob {
+            id: Uuid::now_v7(),
+            tenant: "t".to_owned(),
+            queue: queue.to_owned(),
+            kind: "noop".to_owned(),
+            payload: RawJson::empty_object(),
+            priority,
+            max_attempts: 1,
+            timeout_seconds: 1,
+            run_at,
+            idempotency_key: None,
+            request_id: None,
+            lane: 0,
+            message_id: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_shares_messages_by_queue_and_priority_up_to_the_limit() {
+        let mut jobs = vec![
+            job("a", 0, None),
+            job("b", 0, None),
+            job("a", 5, None),
+            job("a", 0, None),
+            job("a", 0, Some(Utc::now())),
+            job("a", 0, None),
+        ];
+        stamp_messages(&mut jobs, 2);
+        let messages: Vec<_> = jobs.iter().map(|job| job.message_id).collect();
+        let id = |i: usize| Some(jobs[i].id);
+        assert_eq!(
+            messages,
+            [id(0), id(1), id(2), id(0), None, id(5)],
+            "the third of queue a, priority 0, starts a message"
+        );
+
+        let mut alone = vec![job("a", 0, None), job("a", 0, None)];
+        stamp_messages(&mut alone, 1);
+        assert!(alone.iter().all(|job| job.message_id.is_none()), "1: a message per job");
+    }
 
     #[test]
     fn the_first_id_at_a_time_sorts_between_ids_minted_before_and_after() {

@@ -79,8 +79,7 @@ impl Outbox {
 /// (their message was confirmed once, and lost since).
 pub async fn publish_all(publisher: &Publisher, jobs: Vec<Enqueued>) -> Report {
     let mut report = Report::default();
-    let messages: Vec<_> = jobs.iter().map(|job| (job.queue.as_str(), job.lane, job.id, job.priority)).collect();
-    let results = publisher.publish_jobs(&messages).await;
+    let results = publisher.publish_jobs(&jobs).await;
     for (job, result) in jobs.iter().zip(results) {
         match result {
             Ok(()) => report.published.push(job.outbox_row()),

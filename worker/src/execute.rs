@@ -17,7 +17,7 @@ use shared::db::jobs::{self, Released};
 use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome, RawJson};
 use shared::kinds::{self, JobContext, JobError, Resources};
 use shared::outbox::Outbox;
-use shared::queue::{Delivery, Message, QueueError};
+use shared::queue::Delivery;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::batch::{Claimer, OutcomeWriter};
+use crate::envelope::{Claim, Envelope};
 
 /// How long to wait before handing a message back when Postgres is unreachable,
 /// so a database outage does not turn into a hot redelivery loop.
@@ -226,71 +227,58 @@ impl Executor {
         Ok(())
     }
 
-    /// Handles one delivery to the end. Never panics and never returns an error:
+    /// Handles one delivery to the end, its jobs one after another (the
+    /// worker's loop starts them as slots free up instead: see
+    /// [`crate::envelope::Turns`]). Never panics and never returns an error:
     /// whatever happens is acknowledged, dead-lettered or handed back, and logged.
     pub async fn handle(&self, delivery: Delivery) {
-        let message = match delivery.message() {
-            Ok(message) => message,
-            Err(e) => {
-                tracing::warn!(error = %e, queue = %delivery.queue(), "unparseable message; dead-lettering it");
-                settle(delivery.dead_letter(), "dead-letter").await;
-                return;
-            }
-        };
-        match message {
-            Message::RunJob { job_id } => self.run_job(job_id, delivery).await,
+        let Some(envelope) = Envelope::open(delivery).await else { return };
+        let envelope = Arc::new(envelope);
+        while let Some(job_id) = envelope.next_job() {
+            self.run_one(&envelope, job_id).await;
         }
     }
 
-    async fn run_job(&self, job_id: Uuid, delivery: Delivery) {
+    /// Claims job `job_id` of `envelope` and runs it to its outcome. A job
+    /// that is not queued (a duplicate message, or ended meanwhile) is skipped.
+    pub async fn run_one(&self, envelope: &Envelope, job_id: Uuid) {
         let claimed = match self.claimer.claim(job_id).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "could not claim job; handing the message back");
                 tokio::time::sleep(DB_ERROR_BACKOFF).await;
-                settle(delivery.requeue(), "requeue").await;
+                envelope.give_back().await;
                 return;
             }
         };
         let Some(job) = claimed else {
-            self.drop_unclaimable(job_id, delivery).await;
+            match jobs::status(&self.pool, job_id).await {
+                Ok(Some(status)) => {
+                    tracing::debug!(job.id = %job_id, %status, "job is not queued; dropping it from its message");
+                    envelope.resolved(Claim::Done).await;
+                }
+                Ok(None) => {
+                    tracing::warn!(job.id = %job_id, "message names a job that does not exist");
+                    envelope.resolved(Claim::Missing).await;
+                }
+                Err(e) => {
+                    tracing::warn!(job.id = %job_id, error = %e, "could not read job status; handing the message back");
+                    tokio::time::sleep(DB_ERROR_BACKOFF).await;
+                    envelope.give_back().await;
+                }
+            }
             return;
         };
-        // The claim is committed: from here on Postgres holds the job (its lease),
-        // so the message has done its work. If this ack is lost, the redelivered
-        // message finds the job running and is dropped. The job does not wait
-        // for the ack: on a connection that just died an ack can hang (bounded,
-        // but seconds), and a claimed job that does not run or renew its lease
-        // is only rescued when the lease expires.
-        let acked = async move {
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(job.id = %job_id, error = %e, "could not acknowledge a claimed job's message");
-            }
-        };
+        // The claim is committed: from here on Postgres holds the job (its
+        // lease), so the message has done its work for it (and once every job
+        // it names is claimed, it is acknowledged). If the ack is lost, the
+        // redelivered message finds the job running and drops it. The job does
+        // not wait for the ack: on a connection that just died an ack can hang
+        // (bounded, but seconds), and a claimed job that does not run or renew
+        // its lease is only rescued when the lease expires.
         let request_id = job.request_id.clone().unwrap_or_default();
         let span = tracing::info_span!("job", job.id = %job.id, job.kind = %job.kind, job.attempt = job.attempt, request_id = %request_id);
-        tokio::join!(acked, self.execute(job).instrument(span));
-    }
-
-    /// A message whose job is not queued: a duplicate (already claimed), or for
-    /// a job finished or cancelled meanwhile. Dropped. A message for a job that
-    /// does not exist at all is dead-lettered, to be looked at.
-    async fn drop_unclaimable(&self, job_id: Uuid, delivery: Delivery) {
-        match jobs::status(&self.pool, job_id).await {
-            Ok(Some(status)) => {
-                tracing::debug!(job.id = %job_id, %status, "job is not queued; dropping its message");
-                settle(delivery.ack(), "acknowledge").await;
-            }
-            Ok(None) => {
-                tracing::warn!(job.id = %job_id, "message for a job that does not exist; dead-lettering it");
-                settle(delivery.dead_letter(), "dead-letter").await;
-            }
-            Err(e) => {
-                tracing::warn!(job.id = %job_id, error = %e, "could not read job status; handing the message back");
-                tokio::time::sleep(DB_ERROR_BACKOFF).await;
-                settle(delivery.requeue(), "requeue").await;
-            }
-        }
+        tokio::join!(envelope.resolved(Claim::Done), self.execute(job).instrument(span));
     }
 
     async fn execute(&self, job: Claimed) {
@@ -457,12 +445,6 @@ impl Executor {
 
 /// Waits for a settlement of a delivery, logging one that failed: the message
 /// then stays with RabbitMQ, which delivers it again.
-async fn settle(settled: impl Future<Output = Result<(), QueueError>>, what: &str) {
-    if let Err(e) = settled.await {
-        tracing::warn!(error = %e, "could not {what} a message");
-    }
-}
-
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     match panic.downcast::<String>() {
         Ok(message) => *message,

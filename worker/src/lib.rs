@@ -6,11 +6,13 @@
 //! - [`batch`]: claims and outcomes written in batches.
 //! - [`cli`]: the command line.
 //! - [`runner`]: the consume loop, concurrency limit and shutdown.
+//! - [`envelope`]: a message's jobs, and which held message's job starts next.
 //! - [`execute`]: one job from claim to recorded outcome; lease bookkeeping.
 //! - [`reconciler`]: due jobs, expired leases, the outbox, lost messages (one leader at a time).
 
 pub mod batch;
 pub mod cli;
+pub mod envelope;
 pub mod execute;
 pub mod reconciler;
 pub mod runner;

@@ -12,7 +12,7 @@
 //! cancel requests), a `LISTEN` for immediate cancel requests, and the
 //! reconciler.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shared::config::Settings;
@@ -21,11 +21,12 @@ use shared::kinds::Resources;
 use shared::outbox::Outbox;
 use shared::queue::{Consumer, Held, Publisher, QueueError, Subscription};
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::envelope::{Envelope, Turns};
 use crate::execute::{Executor, Limits};
 use crate::reconciler::Reconciler;
 
@@ -192,15 +193,17 @@ impl Worker {
         let stop = shutdown.child_token();
         let broken = CancellationToken::new();
         let loops = TaskTracker::new();
-        for consumer in subscription.take_consumers() {
-            let (stop, broken) = (stop.clone(), broken.clone());
-            let (executor, slots, jobs) = (executor.clone(), slots.clone(), jobs.clone());
+        let consumers = subscription.take_consumers();
+        let waiting = Arc::new(Waiting { turns: Mutex::new(Turns::new(consumers.len())), arrived: Notify::new() });
+        for (lane, consumer) in consumers.into_iter().enumerate() {
+            let (stop, broken, waiting) = (stop.clone(), broken.clone(), waiting.clone());
             loops.spawn(async move {
-                if consume_queue(consumer, executor, slots, jobs, stop).await {
+                if consume_queue(consumer, lane, waiting, stop).await {
                     broken.cancel();
                 }
             });
         }
+        loops.spawn(dispatch(waiting, executor.clone(), slots.clone(), jobs.clone(), stop.clone()));
         loops.close();
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -219,20 +222,22 @@ impl Worker {
     }
 }
 
-/// Takes deliveries from one queue until `stop` (returns false) or until the
-/// consumer fails or is cancelled by the broker (returns true).
+/// The messages a connection's consumers delivered whose jobs have not all
+/// started, and a wake-up for the dispatcher when one arrives.
+struct Waiting {
+    turns: Mutex<Turns>,
+    arrived: Notify,
+}
+
+/// Takes deliveries from one lane (consumer number `lane`) until `stop`
+/// (returns false) or until the consumer fails or is cancelled by the broker
+/// (returns true).
 ///
-/// Each delivery is taken at once and waits for a free slot on a task of its
-/// own, unacknowledged: prefetch (= concurrency) keeps the broker from sending
-/// more than this process can start soon, and every message it holds is
-/// counted (see [`Held`]) rather than buffered out of sight in the client.
-async fn consume_queue(
-    mut consumer: Consumer,
-    executor: Arc<Executor>,
-    slots: Arc<Semaphore>,
-    jobs: TaskTracker,
-    stop: CancellationToken,
-) -> bool {
+/// Each delivery is held, unacknowledged, until its jobs start: prefetch (=
+/// concurrency) keeps the broker from sending more than this process can
+/// start soon, and every message it holds is counted (see
+/// [`Held`]) rather than buffered out of sight in the client.
+async fn consume_queue(mut consumer: Consumer, lane: usize, waiting: Arc<Waiting>, stop: CancellationToken) -> bool {
     loop {
         let delivery = tokio::select! {
             () = stop.cancelled() => return false,
@@ -249,20 +254,47 @@ async fn consume_queue(
                 return !stop.is_cancelled();
             }
         };
-        let (executor, slots, stop) = (executor.clone(), slots.clone(), stop.clone());
-        jobs.spawn(async move {
-            // Dropped unsettled on stop: closing the channel returns it to its queue.
-            let permit = tokio::select! {
+        let Some(envelope) = Envelope::open(delivery).await else { continue };
+        if let Ok(mut turns) = waiting.turns.lock() {
+            turns.push(lane, Arc::new(envelope));
+        }
+        waiting.arrived.notify_one();
+    }
+}
+
+/// Starts the held messages' jobs, one per free slot, in [`Turns`] order,
+/// until `stop`. What it has not started when it stops is dropped unsettled:
+/// closing the channel returns those messages to their queues.
+async fn dispatch(
+    waiting: Arc<Waiting>,
+    executor: Arc<Executor>,
+    slots: Arc<Semaphore>,
+    jobs: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let (envelope, job_id) = loop {
+            if let Some(next) = waiting.turns.lock().ok().and_then(|mut turns| turns.take()) {
+                break next;
+            }
+            tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
-                permit = slots.acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            // Boxed: a task waiting for its slot would otherwise reserve the
-            // whole of a job's future (tens of KiB) from the moment it arrives.
-            Box::pin(executor.handle(delivery)).await;
+                () = waiting.arrived.notified() => {}
+            }
+        };
+        let executor = executor.clone();
+        jobs.spawn(async move {
+            // Boxed: a job's future is tens of KiB, and thousands may be in flight.
+            Box::pin(executor.run_one(&envelope, job_id)).await;
             drop(permit);
         });
     }

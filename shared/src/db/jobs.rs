@@ -35,14 +35,15 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         r#"
         WITH inserted AS (
             INSERT INTO jobs (id, tenant, queue, type, payload, payload_bytes, status, priority, max_attempts,
-                              timeout_seconds, run_at, idempotency_key, request_id, lane)
+                              timeout_seconds, run_at, idempotency_key, request_id, lane, message_id)
             SELECT id, tenant, queue, type, payload::jsonb, octet_length(payload),
                    CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
-                   priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id, lane
+                   priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id, lane,
+                   message_id
             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::int4[],
-                        $8::int4[], $9::timestamptz[], $10::text[], $11::text[], $12::int2[])
+                        $8::int4[], $9::timestamptz[], $10::text[], $11::text[], $12::int2[], $13::uuid[])
                  AS t(id, tenant, queue, type, payload, priority, max_attempts, timeout_seconds, run_at,
-                      idempotency_key, request_id, lane)
+                      idempotency_key, request_id, lane, message_id)
             RETURNING *),
         pending AS (
             INSERT INTO outbox (job_id, created_at)
@@ -67,6 +68,7 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         &jobs.iter().map(|j| j.idempotency_key.clone()).collect::<Vec<_>>() as _,
         &jobs.iter().map(|j| j.request_id.clone()).collect::<Vec<_>>() as _,
         &jobs.iter().map(|j| j.lane).collect::<Vec<_>>(),
+        &jobs.iter().map(|j| j.message_id).collect::<Vec<_>>() as _,
     )
     .fetch_all(db)
     .await?;
@@ -102,15 +104,15 @@ pub async fn requeue_one(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> Res
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL,
+            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL, message_id = NULL,
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = $1 AND tenant = $2 AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, lane, updated_at),
+            RETURNING id, queue, priority, lane, message_id, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
         "#,
         id,
         tenant,
@@ -150,15 +152,15 @@ pub async fn requeue_exactly(
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL,
+            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL, message_id = NULL,
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = ANY($1) AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, lane, updated_at),
+            RETURNING id, queue, priority, lane, message_id, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
         "#,
         ids,
     )
@@ -210,7 +212,7 @@ pub async fn requeue_batch(
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL,
+            UPDATE jobs SET status = 'queued', attempt = 0, requeue_count = requeue_count + 1, run_at = now(), parked_at = NULL, message_id = NULL,
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id IN (SELECT id FROM jobs
@@ -219,11 +221,11 @@ pub async fn requeue_batch(
                            AND ($5::text IS NULL OR tenant = $5) AND ($6::timestamptz IS NULL OR finished_at >= $6)
                          ORDER BY id LIMIT $7 FOR UPDATE SKIP LOCKED)
               AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, lane, updated_at),
+            RETURNING id, queue, priority, lane, message_id, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
         "#,
         filter.status as _,
         after.unwrap_or(Uuid::nil()),
@@ -637,15 +639,15 @@ pub async fn unpark(db: impl PgExecutor<'_>, leader: Term, max_running: i32, lim
                 ORDER BY j.priority DESC, j.id LIMIT greatest(room.free, 0)) AS p
             LIMIT $2),
         moved AS (
-            UPDATE jobs SET parked_at = NULL, updated_at = now()
+            UPDATE jobs SET parked_at = NULL, message_id = NULL, updated_at = now()
             WHERE id IN (SELECT id FROM picked) AND status = 'queued'
               AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $3
                                                  AND term = $4 AND expires_at > now())
-            RETURNING id, queue, priority, lane, updated_at),
+            RETURNING id, queue, priority, lane, message_id, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
         "#,
         i64::from(max_running),
         limit,
@@ -693,13 +695,14 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Rel
                 error = CASE WHEN cancel_requested_at IS NULL THEN error
                              ELSE jsonb_build_object('message', 'cancelled by request while its worker stopped',
                                                      'kind', 'cancelled', 'attempt', attempt) END,
-                progress = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+                progress = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, message_id = NULL,
+                updated_at = now()
             WHERE id = $1 AND lease_token = $2 AND status = 'running'
-            RETURNING id, queue, priority, lane, updated_at, status),
+            RETURNING id, queue, priority, lane, message_id, updated_at, status),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved WHERE status = 'queued'
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!",
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!",
                status AS "status!: JobStatus"
         FROM moved
         "#,
@@ -714,6 +717,7 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Rel
             queue: row.queue,
             priority: row.priority,
             lane: row.lane,
+            message_id: row.message_id,
             queued_at: row.queued_at,
         }),
         _ => Released::Cancelled,
@@ -738,16 +742,16 @@ pub async fn queue_due(db: impl PgExecutor<'_>, leader: Term, limit: i64) -> Res
         Enqueued,
         r#"
         WITH moved AS (
-            UPDATE jobs SET status = 'queued', updated_at = now()
+            UPDATE jobs SET status = 'queued', message_id = NULL, updated_at = now()
             WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now()
                            AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $2
                                                               AND term = $3 AND expires_at > now())
                          ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-            RETURNING id, queue, priority, lane, updated_at),
+            RETURNING id, queue, priority, lane, message_id, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
         "#,
         limit,
         leader.holder,
@@ -788,16 +792,17 @@ pub async fn rescue_expired(db: impl PgExecutor<'_>, leader: Term, limit: i64) -
     Ok(done.rows_affected())
 }
 
-/// Reconciler (lost messages): how many of `queue`'s jobs have been queued
-/// for longer than `grace_seconds` with a confirmed message (they are not in
-/// the outbox), counted up to `cap`. Each of them should have a message in
-/// RabbitMQ, ready or held by a worker; when fewer messages exist than this,
-/// some were lost after their confirm (a purged queue, a lost node).
+/// Reconciler (lost messages): how many messages RabbitMQ should hold for
+/// `queue`: its jobs queued for longer than `grace_seconds` with a confirmed
+/// message (they are not in the outbox), a batch's jobs sharing a message
+/// counted once, up to `cap` jobs looked at. Each of those messages should be
+/// in RabbitMQ, ready or held by a worker; when fewer exist, some were lost
+/// after their confirm (a purged queue, a lost node).
 pub async fn confirmed_queued(db: impl PgExecutor<'_>, queue: &str, grace_seconds: i32, cap: i64) -> Result<i64> {
     let count = sqlx::query_scalar!(
         r#"
-        SELECT count(*) AS "count!" FROM (
-            SELECT FROM jobs j
+        SELECT count(DISTINCT message) AS "count!" FROM (
+            SELECT coalesce(j.message_id, j.id) AS message FROM jobs j
             WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
               AND j.parked_at IS NULL AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
             LIMIT $3) AS confirmed
@@ -811,8 +816,9 @@ pub async fn confirmed_queued(db: impl PgExecutor<'_>, queue: &str, grace_second
     Ok(count)
 }
 
-/// Reconciler (lost messages): the `limit` jobs of `queue` that have waited
-/// longest among those [`confirmed_queued`] counts, to be published again.
+/// Reconciler (lost messages): the jobs of the `limit` messages of `queue`
+/// that have waited longest among those [`confirmed_queued`] counts, to be
+/// published again (a batch's jobs together, as they were).
 /// Lost messages are the old ones (a purge or a lost node takes everything
 /// published before it; later jobs bring their own), so the oldest are the
 /// ones to republish; a duplicate of a message that still exists is dropped
@@ -827,12 +833,19 @@ pub async fn longest_queued(
     let jobs = sqlx::query_as!(
         Enqueued,
         r#"
-        SELECT id, queue, priority, lane, updated_at AS queued_at FROM jobs j
-        WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
-          AND j.parked_at IS NULL AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
-          AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $4
-                                             AND term = $5 AND expires_at > now())
-        ORDER BY j.updated_at LIMIT $3
+        WITH confirmed AS (
+            SELECT j.id, j.queue, j.priority, j.lane, j.message_id, j.updated_at FROM jobs j
+            WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
+              AND j.parked_at IS NULL AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
+              AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $4
+                                                 AND term = $5 AND expires_at > now())),
+        oldest AS (
+            SELECT coalesce(message_id, id) AS message FROM confirmed
+            GROUP BY 1 ORDER BY min(updated_at) LIMIT $3)
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id,
+               updated_at AS "queued_at!"
+        FROM confirmed WHERE coalesce(message_id, id) IN (SELECT message FROM oldest)
+        ORDER BY updated_at
         "#,
         queue,
         f64::from(grace_seconds),

@@ -35,6 +35,7 @@ pub enum Settlement {
 pub struct Delivery {
     body: Vec<u8>,
     queue: String,
+    priority: u8,
     settle: Settle,
     _held: Option<HeldOne>,
 }
@@ -49,7 +50,14 @@ enum Settle {
 
 impl Delivery {
     pub(super) fn amqp(delivery: lapin::message::Delivery, queue: &str, held: HeldOne) -> Self {
-        Self { body: delivery.data, queue: queue.to_owned(), settle: Settle::Amqp(delivery.acker), _held: Some(held) }
+        let priority = delivery.properties.priority().unwrap_or(0);
+        Self {
+            body: delivery.data,
+            queue: queue.to_owned(),
+            priority,
+            settle: Settle::Amqp(delivery.acker),
+            _held: Some(held),
+        }
     }
 
     /// A delivery of `body` from Conveyor queue `queue` that no broker sent,
@@ -57,12 +65,17 @@ impl Delivery {
     #[cfg(feature = "test-util")]
     pub fn recorded(body: Vec<u8>, queue: &str) -> (Self, tokio::sync::oneshot::Receiver<Settlement>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self { body, queue: queue.to_owned(), settle: Settle::Recorded(tx), _held: None }, rx)
+        (Self { body, queue: queue.to_owned(), priority: 0, settle: Settle::Recorded(tx), _held: None }, rx)
     }
 
     /// The Conveyor queue it came from.
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// Its priority, as published (the job's, 0–9).
+    pub fn priority(&self) -> u8 {
+        self.priority
     }
 
     /// The message, when the body is one.

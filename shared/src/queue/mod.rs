@@ -25,7 +25,7 @@ pub use delivery::{Delivery, Held, Settlement};
 pub use rabbitmq::{Consumer, PublishError, Publisher, Subscription};
 
 /// Why talking to RabbitMQ failed (publishes have their own [`PublishError`]).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
@@ -50,13 +50,26 @@ pub enum QueueError {
 pub enum Message {
     /// Run the job with this id, if it is still queued.
     RunJob { job_id: Uuid },
+    /// Run each of these jobs that is still queued: a batch's jobs, several
+    /// to a message (`amqp.jobs_per_message`). The message is settled once
+    /// every one of them has been claimed or found not queued.
+    RunJobs { job_ids: Vec<Uuid> },
 }
 
 impl Message {
+    /// The jobs it asks to run, in order.
+    pub fn job_ids(&self) -> &[Uuid] {
+        match self {
+            Self::RunJob { job_id } => std::slice::from_ref(job_id),
+            Self::RunJobs { job_ids } => job_ids,
+        }
+    }
+
     /// Short name for logs.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::RunJob { .. } => "run_job",
+            Self::RunJobs { .. } => "run_jobs",
         }
     }
 }

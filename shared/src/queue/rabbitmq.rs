@@ -1,6 +1,7 @@
 //! lapin underneath [`super`]: connecting, declaring the topology, publishing
 //! with confirms, and consuming.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use super::{Delivery, Held, Message, Names, QueueError};
 use crate::config::AmqpSettings;
-use crate::job::MAX_PRIORITY;
+use crate::job::{Enqueued, MAX_PRIORITY};
 
 /// AMQP delivery mode 2: the broker writes the message to disk (with a durable
 /// queue, it survives a broker restart).
@@ -109,7 +110,7 @@ fn queue_version_2() -> FieldTable {
 }
 
 /// Why a publish did not get a positive confirm.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
     Broker(#[from] QueueError),
@@ -194,23 +195,18 @@ impl Publisher {
         Ok((connection, channel))
     }
 
-    /// Publishes a run-job message for `job_id` to `queue` and waits for
-    /// RabbitMQ's confirm: once this returns `Ok`, the message is on disk.
-    pub async fn publish_job(&self, queue: &str, job_id: Uuid, priority: i16) -> Result<(), PublishError> {
-        let mut results = self.publish_jobs(&[(queue, 0, job_id, priority)]).await;
-        results.pop().unwrap_or(Err(PublishError::Nacked))
-    }
-
-    /// Publishes run-job messages for `jobs` (queue, lane, id, priority), all sent
-    /// before any confirm is awaited, and waits for their confirms (within one
-    /// `amqp.confirm_timeout_ms` for all); a result per job, in order.
+    /// Publishes messages for `jobs`, all sent before any confirm is awaited,
+    /// and waits for their confirms (within one `amqp.confirm_timeout_ms` for
+    /// all); a result per job, in order. Jobs with one `message_id` travel in
+    /// one message (see [`Message::RunJobs`]) and share its result; the others
+    /// have a message each.
     ///
     /// A message carries only what the broker needs: persistence, the
-    /// priority, and a body naming the job. Everything else about the job
+    /// priority, and a body naming the jobs. Everything else about a job
     /// (its request id included) is in its row; properties nobody reads cost
     /// the broker dearly (a headers table and three strings made the confirm
     /// p99 ~6 ms longer under load; docs/BENCHMARKS.md).
-    pub async fn publish_jobs(&self, jobs: &[(&str, i16, Uuid, i16)]) -> Vec<Result<(), PublishError>> {
+    pub async fn publish_jobs(&self, jobs: &[Enqueued]) -> Vec<Result<(), PublishError>> {
         let timeout = self.inner.settings.confirm_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         let channel = match tokio::time::timeout_at(deadline, self.channel()).await {
@@ -221,16 +217,22 @@ impl Publisher {
             }
             Err(_) => return jobs.iter().map(|_| Err(PublishError::Timeout(timeout))).collect(),
         };
-        let mut sent = Vec::with_capacity(jobs.len());
+        let messages = messages_of(jobs);
+        let mut sent = Vec::with_capacity(messages.len());
         let lanes = i32::from(self.inner.settings.lanes.max(1));
-        for &(queue, lane, job_id, priority) in jobs {
-            let body = serde_json::to_vec(&Message::RunJob { job_id }).unwrap_or_default();
+        for members in &messages {
+            let first = &jobs[members[0]];
+            let message = match members.as_slice() {
+                [_] => Message::RunJob { job_id: first.id },
+                _ => Message::RunJobs { job_ids: members.iter().map(|&i| jobs[i].id).collect() },
+            };
+            let body = serde_json::to_vec(&message).unwrap_or_default();
             let properties = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
-                .with_priority(u8::try_from(priority.clamp(0, MAX_PRIORITY)).unwrap_or(0));
+                .with_priority(u8::try_from(first.priority.clamp(0, MAX_PRIORITY)).unwrap_or(0));
             // A lane beyond those configured (amqp.lanes was lowered) folds back in.
-            let lane = u16::try_from(i32::from(lane).rem_euclid(lanes)).unwrap_or(0);
-            let routing_key = self.inner.names.lane(queue, lane);
+            let lane = u16::try_from(i32::from(first.lane).rem_euclid(lanes)).unwrap_or(0);
+            let routing_key = self.inner.names.lane(&first.queue, lane);
             // `mandatory`: if no queue takes the message, RabbitMQ returns it instead
             // of confirming a message that went nowhere.
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
@@ -243,22 +245,21 @@ impl Publisher {
             };
             sent.push((routing_key, confirm));
         }
-        let mut results = Vec::with_capacity(jobs.len());
-        for (routing_key, confirm) in sent {
-            let confirmed = match confirm {
-                Ok(confirm) => tokio::time::timeout_at(deadline, confirm).await,
-                Err(e) => {
-                    results.push(Err(e));
-                    continue;
-                }
+        let mut results: Vec<Result<(), PublishError>> = vec![Err(PublishError::Nacked); jobs.len()];
+        for (members, (routing_key, confirm)) in messages.iter().zip(sent) {
+            let result = match confirm {
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key)),
+                    Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(PublishError::Timeout(timeout)),
+                },
+                Err(e) => Err(e),
             };
-            results.push(match confirmed {
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key)),
-                Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
-                Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err(PublishError::Timeout(timeout)),
-            });
+            for &i in members {
+                results[i] = result.clone();
+            }
         }
         results
     }
@@ -295,6 +296,26 @@ impl Publisher {
     }
 }
 
+/// Which of `jobs` travel together: one list of indexes per message, in the
+/// order of each message's first job.
+fn messages_of(jobs: &[Enqueued]) -> Vec<Vec<usize>> {
+    let mut messages: Vec<Vec<usize>> = Vec::new();
+    let mut shared: HashMap<Uuid, usize> = HashMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match job.message_id {
+            Some(message) => match shared.get(&message) {
+                Some(&at) => messages[at].push(i),
+                None => {
+                    shared.insert(message, messages.len());
+                    messages.push(vec![i]);
+                }
+            },
+            None => messages.push(vec![i]),
+        }
+    }
+    messages
+}
+
 /// A worker's link to RabbitMQ: one connection, one channel, one consumer per
 /// queue. Closing it returns every unsettled delivery to its queue.
 pub struct Subscription {
@@ -305,8 +326,9 @@ pub struct Subscription {
 
 impl Subscription {
     /// Connects (within `amqp.confirm_timeout_ms`), declares the topology, and
-    /// consumes `queues` with at most `prefetch` unacknowledged messages across
-    /// all of them. Deliveries count in `held` until they are settled.
+    /// consumes `queues` with at most `prefetch` unacknowledged messages per
+    /// lane and a few more across all of them. Deliveries count in `held`
+    /// until they are settled.
     pub async fn open(
         settings: &AmqpSettings,
         queues: &[String],
@@ -320,11 +342,17 @@ impl Subscription {
         let names = Names::new(&settings.namespace);
         let channel = connection.create_channel().await?;
         declare(&channel, &names, queues.iter().map(String::as_str), settings.lanes).await?;
-        // `global`: the limit is shared by the channel's consumers (RabbitMQ's
-        // reading of the flag), so a worker on several queues still holds at most
-        // `prefetch` messages in total.
-        channel.basic_qos(prefetch, BasicQosOptions { global: true }).await?;
-        let mut consumers = Vec::with_capacity(queues.len() * usize::from(settings.lanes));
+        let consumers_count = queues.len() * usize::from(settings.lanes);
+        // Two limits, both enforced by RabbitMQ. Each consumer's (each lane's)
+        // own: `prefetch`, as a worker on one lane always had. The channel's,
+        // shared by every consumer: one eighth more (at least 2), so that while
+        // one lane's messages fill a consumer's share (a batch's messages settle
+        // only once all their jobs have started, which takes a while) another
+        // lane's message still arrives at once, not when one of those settles.
+        let reserve = if consumers_count > 1 { (prefetch / 8).max(2) } else { 0 };
+        channel.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+        channel.basic_qos(prefetch.saturating_add(reserve), BasicQosOptions { global: true }).await?;
+        let mut consumers = Vec::with_capacity(consumers_count);
         for queue in queues {
             // One consumer per lane on the one channel: when a slot frees,
             // RabbitMQ offers it to the lanes with messages in turn, so a

@@ -26,6 +26,7 @@ fn amqp_settings(namespace: &str) -> crate::config::AmqpSettings {
         confirm_timeout_ms: 5000,
         heartbeat_seconds: 10,
         lanes: 1,
+        jobs_per_message: 16,
     }
 }
 
@@ -86,6 +87,7 @@ impl Drop for AmqpNamespace {
 pub fn new_job(kind: &str, payload: serde_json::Value) -> crate::job::NewJob {
     crate::job::NewJob {
         lane: 0,
+        message_id: None,
         id: uuid::Uuid::now_v7(),
         tenant: "default".to_owned(),
         queue: "default".to_owned(),
@@ -144,6 +146,7 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ("CONVEYOR__AMQP__NAMESPACE", amqp.namespace.clone()),
         ("CONVEYOR__AMQP__HEARTBEAT_SECONDS", amqp.heartbeat_seconds.to_string()),
         ("CONVEYOR__AMQP__LANES", amqp.lanes.to_string()),
+        ("CONVEYOR__AMQP__JOBS_PER_MESSAGE", amqp.jobs_per_message.to_string()),
         ("CONVEYOR__DATABASE__MIGRATE_ON_START", "false".to_owned()),
         ("CONVEYOR__WORKER__HEARTBEAT_SECONDS", worker.heartbeat_seconds.to_string()),
         ("CONVEYOR__WORKER__LEASE_SECONDS", worker.lease_seconds.to_string()),

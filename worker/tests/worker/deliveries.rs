@@ -58,6 +58,43 @@ async fn each_delivery_is_run_dropped_or_dead_lettered_and_settled_once(
     h.close().await;
 }
 
+/// A message naming several jobs (a batch's): each job still queued is
+/// claimed and run, the others skipped, and the message settled once.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_message_of_several_jobs_runs_each_queued_one_and_is_settled_once(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let h = Harness::new(connect).await;
+    let executor = executor(&h);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(jobs::insert(&h.pool, &new_job("echo", json!({"n": n}))).await.expect("insert").id);
+    }
+    let run_jobs = |job_ids: Vec<Uuid>| serde_json::to_vec(&Message::RunJobs { job_ids }).expect("serializes");
+
+    // The first job ran already (its message was a duplicate); a job that does not exist rides along.
+    let (delivery, settled) = Delivery::recorded(run_job(ids[0]), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::Ack));
+    let (delivery, settled) = Delivery::recorded(run_jobs(vec![ids[0], ids[1], Uuid::now_v7(), ids[2]]), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::Ack));
+    assert_eq!(db::attempts(&h.pool, Some(&ids)).await, [(1, 3)].into(), "each ran once");
+    for id in &ids {
+        assert_eq!(jobs::status(&h.pool, *id).await.expect("query"), Some(JobStatus::Succeeded));
+    }
+
+    // None of its jobs exists, or it names none: for a human.
+    let (delivery, settled) = Delivery::recorded(run_jobs(vec![Uuid::now_v7(), Uuid::now_v7()]), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::DeadLetter));
+    let (delivery, settled) = Delivery::recorded(run_jobs(Vec::new()), "default");
+    executor.handle(delivery).await;
+    assert_eq!(settled.await, Ok(Settlement::DeadLetter));
+    h.close().await;
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_cancel_heard_before_its_job_runs_here_still_stops_it(
     _: sqlx::postgres::PgPoolOptions,

@@ -55,12 +55,21 @@ impl Harness {
     /// Submits `n` jobs of `kind` the way the API does: commit, then publish
     /// with a confirm (and take them out of the outbox, as the API's recorder does).
     pub async fn submit(&self, n: usize, kind: &str, payload: Value) -> Vec<Uuid> {
-        let mut published = Vec::new();
-        for _ in 0..n {
-            let job = shared::testing::new_job(kind, payload.clone());
-            let job = jobs::insert(&self.pool, &job).await.expect("insert");
-            published.push(Enqueued::of(&job, 0));
-        }
+        self.submit_many(n, kind, payload, 1).await
+    }
+
+    /// Submits `n` jobs of `kind` as one batch submission does: several to a
+    /// message (`amqp.jobs_per_message`).
+    pub async fn submit_batch(&self, n: usize, kind: &str, payload: Value) -> Vec<Uuid> {
+        self.submit_many(n, kind, payload, usize::from(self.settings.amqp.jobs_per_message)).await
+    }
+
+    async fn submit_many(&self, n: usize, kind: &str, payload: Value, per_message: usize) -> Vec<Uuid> {
+        let mut new_jobs: Vec<_> = (0..n).map(|_| shared::testing::new_job(kind, payload.clone())).collect();
+        shared::job::stamp_messages(&mut new_jobs, per_message);
+        let inserted = jobs::insert_many(&self.pool, &new_jobs).await.expect("insert");
+        let published: Vec<_> =
+            inserted.iter().zip(&new_jobs).map(|(job, new)| Enqueued::of(job, 0, new.message_id)).collect();
         let ids = published.iter().map(|j| j.id).collect();
         let rows: Vec<_> = published.iter().map(Enqueued::outbox_row).collect();
         let report = outbox::publish_all(&self.publisher, published).await;

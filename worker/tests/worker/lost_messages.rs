@@ -52,3 +52,30 @@ async fn messages_a_worker_holds_are_not_taken_for_lost(_: sqlx::postgres::PgPoo
     drop(holding);
     h.close().await;
 }
+
+/// A batch's jobs share messages: the reconciler counts messages, not jobs,
+/// so 40 jobs in 3 messages are not taken for 37 lost; when the messages are
+/// lost, the jobs are published again together, and each runs once.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn jobs_sharing_a_message_are_counted_once(_: sqlx::postgres::PgPoolOptions, connect: PgConnectOptions) {
+    let h = Harness::with(connect, |s| s.worker.outbox_grace_seconds = 0).await;
+    let ids = h.submit_batch(40, "noop", json!({})).await;
+    assert_eq!(h.amqp.depth("default").await, 3, "16 + 16 + 8");
+
+    let mut reconciler = h.reconciler();
+    let lead = reconciler.elect().await.expect("query").expect("nobody leads yet");
+    for _ in 0..3 {
+        reconciler.find_lost_messages(&lead).await.expect("look");
+    }
+    assert_eq!(h.amqp.depth("default").await, 3, "nothing republished while every message is there");
+
+    assert_eq!(h.amqp.purge("default").await, 3);
+    reconciler.find_lost_messages(&lead).await.expect("look");
+    reconciler.find_lost_messages(&lead).await.expect("look again");
+    assert_eq!(h.amqp.depth("default").await, 3, "published again, as they were");
+
+    let _worker = h.spawn_process(8, 30);
+    h.wait(Duration::from_secs(30), "all 40 succeed", async || h.count(JobStatus::Succeeded, &ids).await == 40).await;
+    assert_eq!(h.attempts(&ids).await, [(1, 40)].into(), "each ran exactly once");
+    h.close().await;
+}

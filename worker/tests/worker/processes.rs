@@ -110,3 +110,35 @@ async fn a_worker_cut_off_from_postgres_stops_handlers_whose_leases_lapsed(
     proxy.restore();
     h.close().await;
 }
+
+/// A batch's jobs travel 16 to a message, and a worker claims them only as
+/// its slots free up: killed while it holds all three messages of a batch of
+/// 40 and runs 4 of the jobs, the other 36 are still queued, its messages go
+/// back, and another worker runs every job, each to completion once.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_batch_held_by_a_worker_killed_with_sigkill_is_finished_by_another(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let h = Harness::new(connect).await;
+    let mut doomed = h.spawn_process(4, 30);
+    let ids = h.submit_batch(40, "sleep", json!({"ms": 3000})).await;
+    h.wait(Duration::from_secs(20), "the doomed worker runs four and holds every message", async || {
+        h.count(JobStatus::Running, &ids).await == 4 && db::held(&h.pool, "default").await == [Some(3)]
+    })
+    .await;
+    assert_eq!(h.count(JobStatus::Queued, &ids).await, 36, "nothing claimed beyond the free slots");
+
+    signal(&doomed, "-KILL");
+    let _ = doomed.wait().await;
+    let (stop, survivor) = h.spawn_in_process(40);
+
+    h.wait(Duration::from_secs(30), "every job succeeds", async || h.count(JobStatus::Succeeded, &ids).await == 40)
+        .await;
+    // The four it ran were rescued (their lost attempt counted); the rest ran once.
+    assert_eq!(h.attempts(&ids).await, BTreeMap::from([(1, 36), (2, 4)]));
+    assert_eq!(h.amqp.dead_letters().await, 0);
+    stop.cancel();
+    survivor.await.expect("joined").expect("clean stop");
+    h.close().await;
+}
