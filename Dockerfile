@@ -5,7 +5,7 @@ COPY . .
 RUN cargo build --release --locked --bins
 
 FROM debian:bookworm-slim
-# curl: the API's container health check.
+# curl: the API's and the workers' container health checks.
 RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/api /src/target/release/worker /usr/local/bin/

@@ -8,12 +8,14 @@
 //! - [`runner`]: the consume loop, concurrency limit and shutdown.
 //! - [`envelope`]: a message's jobs, and which held message's job starts next.
 //! - [`execute`]: one job from claim to recorded outcome; lease bookkeeping.
+//! - [`health`]: the health port (`/healthz`, `/readyz`).
 //! - [`reconciler`]: due jobs, expired leases, the outbox, lost messages (one leader at a time).
 
 pub mod batch;
 pub mod cli;
 pub mod envelope;
 pub mod execute;
+pub mod health;
 pub mod reconciler;
 pub mod runner;
 

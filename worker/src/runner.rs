@@ -15,6 +15,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix_web::dev::ServerHandle;
+
 use shared::config::Settings;
 use shared::db::{CANCEL_CHANNEL, notify, workers};
 use shared::kinds::Resources;
@@ -28,6 +30,7 @@ use uuid::Uuid;
 
 use crate::envelope::{Envelope, Turns};
 use crate::execute::{Executor, Limits};
+use crate::health::{self, Consuming};
 use crate::reconciler::Reconciler;
 
 /// What a worker consumes and how much it runs at once.
@@ -121,11 +124,14 @@ impl Worker {
         background.spawn(listen_for_cancels(self.pool.clone(), executor.clone(), background_stop.clone()));
         let reconciler = Reconciler::new(self.id, self.pool.clone(), outbox, &self.settings);
         background.spawn(reconciler.run(shutdown.child_token()));
+        let consuming = Consuming::default();
+        let health = self.serve_health(&consuming);
         tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
 
         let mut backoff = RECONNECT_BACKOFF.0;
         while !shutdown.is_cancelled() {
-            let error = match self.consume(&name, &executor, &slots, &held, &jobs, &shutdown).await {
+            let consumed = self.consume(&name, &executor, &slots, &held, &jobs, &consuming, &shutdown).await;
+            let error = match consumed {
                 Ended::Shutdown => break,
                 Ended::Broken { consumed: true, error } => {
                     // It worked until now: the next try is a fresh start.
@@ -158,6 +164,9 @@ impl Worker {
             jobs.wait().await;
         }
         background_stop.cancel();
+        if let Some(health) = health {
+            health.stop(true).await;
+        }
         // The batchers end once nothing can send to them any more.
         drop(executor);
         background.close();
@@ -169,9 +178,34 @@ impl Worker {
         Ok(())
     }
 
+    /// Starts the health port (`worker.http_port` on `http.host`), if any. A
+    /// port that cannot be had is logged, not fatal: the worker still works.
+    fn serve_health(&self, consuming: &Consuming) -> Option<ServerHandle> {
+        let port = self.settings.worker.http_port;
+        if port == 0 {
+            return None;
+        }
+        let address = (self.settings.http.host.as_str(), port);
+        let served = std::net::TcpListener::bind(address)
+            .and_then(|listener| health::serve(listener, self.pool.clone(), consuming.clone()));
+        match served {
+            Ok(server) => {
+                let handle = server.handle();
+                tokio::spawn(server);
+                tracing::info!(worker.id = %self.id, host = %self.settings.http.host, port, "health port listening");
+                Some(handle)
+            }
+            Err(e) => {
+                tracing::error!(worker.id = %self.id, port, error = %e, "cannot serve the health port (worker.http_port); running without it");
+                None
+            }
+        }
+    }
+
     /// Connects and consumes until `shutdown` or until the connection or a
     /// consumer fails. Deliveries are handed to `jobs`, which outlive this
-    /// connection.
+    /// connection. `consuming` says whether the consumers are up.
+    #[allow(clippy::too_many_arguments)]
     async fn consume(
         &self,
         name: &str,
@@ -179,6 +213,7 @@ impl Worker {
         slots: &Arc<Semaphore>,
         held: &Held,
         jobs: &TaskTracker,
+        consuming: &Consuming,
         shutdown: &CancellationToken,
     ) -> Ended {
         let opened = Subscription::open(&self.settings.amqp, &self.config.queues, self.config.concurrency, name, held);
@@ -187,6 +222,7 @@ impl Worker {
             Err(e) => return Ended::Broken { consumed: false, error: anyhow::Error::new(e) },
         };
         tracing::info!(worker.id = %self.id, "consuming");
+        consuming.set(true);
         // Stops this connection's consumers, and the deliveries of it still
         // waiting for a slot: on shutdown, or when the connection breaks (its
         // deliveries are back in their queues then, for anyone to take).
@@ -210,6 +246,7 @@ impl Worker {
             () = broken.cancelled() => {}
         }
         let failed = broken.is_cancelled() && !shutdown.is_cancelled();
+        consuming.set(false);
         stop.cancel();
         // Returns unsettled (prefetched, unclaimed) messages to their queues at once.
         subscription.close().await;

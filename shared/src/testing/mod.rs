@@ -132,6 +132,8 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
     // delete, and a hundred tests declaring eight per queue at once slowed
     // the broker for all of them. The fairness tests ask for lanes.
     settings.amqp.lanes = 1;
+    // Tests run many workers at once; the health port tests pick a port each.
+    settings.worker.http_port = 0;
     settings
 }
 
@@ -154,6 +156,7 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ("CONVEYOR__WORKER__LEADER_TTL_SECONDS", worker.leader_ttl_seconds.to_string()),
         ("CONVEYOR__WORKER__OUTBOX_GRACE_SECONDS", worker.outbox_grace_seconds.to_string()),
         ("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", worker.shutdown_grace_seconds.to_string()),
+        ("CONVEYOR__WORKER__HTTP_PORT", worker.http_port.to_string()),
         ("CONVEYOR__RATE_LIMIT__TENANT_PER_SECOND", settings.rate_limit.tenant_per_second.to_string()),
         ("CONVEYOR__RATE_LIMIT__TENANT_BURST", settings.rate_limit.tenant_burst.to_string()),
         ("CONVEYOR__RATE_LIMIT__IP_PER_SECOND", settings.rate_limit.ip_per_second.to_string()),
