@@ -195,7 +195,8 @@ pub struct WorkerSettings {
     pub reconcile_interval_ms: u64,
     pub leader_ttl_seconds: u32,
     pub outbox_grace_seconds: u32,
-    /// The worker's health port (`/healthz`, `/readyz`) on `http.host`; 0: none.
+    /// The worker's health and metrics port (`/healthz`, `/readyz`,
+    /// `/metrics`) on `http.host`; 0: none.
     pub http_port: u16,
 }
 

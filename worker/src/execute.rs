@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::batch::{Claimer, OutcomeWriter};
 use crate::envelope::{Claim, Envelope};
+use crate::metrics::{JobEvent, Metrics};
 
 /// How long to wait before handing a message back when Postgres is unreachable,
 /// so a database outage does not turn into a hot redelivery loop.
@@ -75,6 +76,7 @@ pub struct Executor {
     resources: Resources,
     lease_seconds: i32,
     running: Mutex<HashMap<Uuid, Running>>,
+    metrics: Arc<Metrics>,
     /// Cancel requests for jobs not running here (yet): a notification can
     /// arrive between a job's claim and its registration here, and must not
     /// wait for the next heartbeat. Requests for other workers' jobs land here
@@ -139,8 +141,14 @@ impl Executor {
             settings,
             lease_seconds,
             running: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
             pending_cancels: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What it counts (see [`Metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Jobs running now.
@@ -286,8 +294,10 @@ impl Executor {
         let lease = job.lease();
         let cancel = CancellationToken::new();
         let stop = Arc::new(AtomicU8::new(0));
+        self.metrics.job(&job.queue, &job.kind, JobEvent::Started);
         if let Ok(mut running) = self.running.lock() {
             running.insert(job.id, Running { token: job.lease_token, cancel: cancel.clone(), stop: stop.clone() });
+            self.metrics.set_in_flight(running.len());
         }
         if self.cancel_pending(job.id) {
             self.stop(job.id, Some(job.lease_token), Stop::Cancelled);
@@ -300,21 +310,26 @@ impl Executor {
             && running.get(&job.id).is_some_and(|run| run.token == job.lease_token)
         {
             running.remove(&job.id);
+            self.metrics.set_in_flight(running.len());
         }
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        self.metrics.ran(&job.queue, &job.kind, elapsed.as_secs_f64());
+        let elapsed_ms = elapsed.as_millis() as u64;
         match self.after(&job, ran, Stop::from_u8(stop.load(Ordering::SeqCst))) {
-            After::Finish(outcome) => self.finish(lease, job.attempt, outcome, elapsed_ms).await,
+            After::Finish(outcome) => self.finish(&job, outcome, elapsed_ms).await,
             After::Release => self.release(lease).await,
             After::Abandon => tracing::warn!(elapsed_ms, "lease lost while running; the outcome is discarded"),
         }
     }
 
-    async fn finish(&self, lease: Lease, attempt: i32, mut outcome: Outcome, elapsed_ms: u64) {
+    async fn finish(&self, job: &Claimed, mut outcome: Outcome, elapsed_ms: u64) {
+        let (lease, attempt) = (job.lease(), job.attempt);
         let mut status = outcome.status();
         for try_ in 1..=FINISH_ATTEMPTS {
             match self.outcomes.write(lease, outcome.clone()).await {
                 Ok(true) => {
                     tracing::info!(%status, elapsed_ms, "job finished");
+                    self.count_outcome(job, &outcome);
                     return;
                 }
                 Ok(false) => {
@@ -339,6 +354,19 @@ impl Executor {
             }
         }
         tracing::error!(%status, "could not record outcome; the lease will expire and the job be retried");
+    }
+
+    fn count_outcome(&self, job: &Claimed, outcome: &Outcome) {
+        let (event, failure) = match outcome {
+            Outcome::Succeeded(_) => (JobEvent::Succeeded, None),
+            Outcome::Retrying { error, .. } => (JobEvent::Retried, Some(error)),
+            Outcome::Failed(error) => (JobEvent::Failed, Some(error)),
+            Outcome::Cancelled(error) => (JobEvent::Cancelled, Some(error)),
+        };
+        self.metrics.job(&job.queue, &job.kind, event);
+        if failure.is_some_and(|failure| failure.kind == FailureKind::Timeout) {
+            self.metrics.job(&job.queue, &job.kind, JobEvent::TimedOut);
+        }
     }
 
     /// Hands an interrupted job back: queued again and published at once.

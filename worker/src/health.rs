@@ -1,7 +1,7 @@
 //! The worker's own HTTP port (`worker.http_port`, 0 = none): `/healthz`
 //! (the process lives) and `/readyz` (Postgres answers and the worker is
 //! consuming), so a load balancer or Kubernetes can tell a worker that runs
-//! from one that only exists.
+//! from one that only exists; and `/metrics` for Prometheus.
 //!
 //! Readiness of RabbitMQ is the worker's own view, not a fresh connection:
 //! it is ready while its consumers are up, and not from the moment its
@@ -16,6 +16,8 @@ use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::json;
 use sqlx::PgPool;
+
+use crate::metrics::Metrics;
 
 /// Longest a readiness probe waits for Postgres.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -37,6 +39,7 @@ impl Consuming {
 struct Probed {
     pool: PgPool,
     consuming: Consuming,
+    metrics: Arc<Metrics>,
 }
 
 async fn healthz() -> HttpResponse {
@@ -61,14 +64,25 @@ async fn readyz(probed: web::Data<Probed>) -> HttpResponse {
     }
 }
 
+/// The worker's metrics, in Prometheus' text format.
+async fn metrics(probed: web::Data<Probed>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(probed.metrics.render())
+}
+
 /// The server of the health routes on `listener`, one thread; it runs once awaited.
-pub fn serve(listener: TcpListener, pool: PgPool, consuming: Consuming) -> std::io::Result<Server> {
-    let probed = web::Data::new(Probed { pool, consuming });
+pub fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    consuming: Consuming,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<Server> {
+    let probed = web::Data::new(Probed { pool, consuming, metrics });
     Ok(HttpServer::new(move || {
         App::new()
             .app_data(probed.clone())
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(self::metrics))
     })
     .workers(1)
     // The worker handles its signals itself and stops this server on its way out.

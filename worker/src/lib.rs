@@ -8,7 +8,8 @@
 //! - [`runner`]: the consume loop, concurrency limit and shutdown.
 //! - [`envelope`]: a message's jobs, and which held message's job starts next.
 //! - [`execute`]: one job from claim to recorded outcome; lease bookkeeping.
-//! - [`health`]: the health port (`/healthz`, `/readyz`).
+//! - [`health`]: the health port (`/healthz`, `/readyz`, `/metrics`).
+//! - [`metrics`]: what the worker counts, for Prometheus.
 //! - [`reconciler`]: due jobs, expired leases, the outbox, lost messages (one leader at a time).
 
 pub mod batch;
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod envelope;
 pub mod execute;
 pub mod health;
+pub mod metrics;
 pub mod reconciler;
 pub mod runner;
 

@@ -17,6 +17,7 @@
 //! a leader that wakes up after losing the leadership does no reconciler work.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shared::config::Settings;
@@ -28,6 +29,8 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::metrics::{Action, Metrics};
 
 /// Rows per statement; a pass loops while batches come back full.
 const BATCH: i64 = 1000;
@@ -82,6 +85,7 @@ pub struct Reconciler {
     next_lost_check: Instant,
     /// `tenants.max_running`: parked jobs are published again as room frees.
     max_running: i32,
+    metrics: Arc<Metrics>,
 }
 
 impl Reconciler {
@@ -100,7 +104,14 @@ impl Reconciler {
             live_seconds: i32::try_from(worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX),
             suspects: HashMap::new(),
             next_lost_check: Instant::now(),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Counts what it does in `metrics` (its worker's).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Tries once to take (or renew) the leadership: what tests use to make a
@@ -221,6 +232,7 @@ impl Reconciler {
             let full = due.len() as i64 == BATCH;
             if !due.is_empty() {
                 tracing::debug!(count = due.len(), "queued due jobs");
+                self.metrics.acted(Action::QueuedDue, due.len());
                 self.publish(due, lead).await;
             }
             if !full {
@@ -233,6 +245,7 @@ impl Reconciler {
             let unparked = jobs::unpark(&self.pool, lead.term, self.max_running, BATCH).await?;
             if !unparked.is_empty() {
                 tracing::debug!(count = unparked.len(), "published parked jobs of tenants under their cap");
+                self.metrics.acted(Action::Unparked, unparked.len());
                 self.publish(unparked, lead).await;
             }
         }
@@ -241,11 +254,13 @@ impl Reconciler {
         if rescued > 0 {
             // They are `retrying`, due now: the next pass queues them.
             tracing::warn!(count = rescued, "rescued jobs whose worker was lost");
+            self.metrics.acted(Action::Rescued, usize::try_from(rescued).unwrap_or(usize::MAX));
         }
         self.renew(lead, false).await?;
         let unpublished = db::outbox::sweep(&self.pool, lead.term, self.outbox_grace_seconds, BATCH).await?;
         if !unpublished.is_empty() {
             tracing::info!(count = unpublished.len(), "republishing jobs whose publish was never confirmed");
+            self.metrics.acted(Action::Republished, unpublished.len());
             self.publish(unpublished, lead).await;
         }
         if Instant::now() >= self.next_lost_check {
@@ -318,6 +333,7 @@ impl Reconciler {
                 return Err(Interrupted::Lost);
             }
             tracing::warn!(%queue, count = lost.len(), ready, held, queued, "republishing queued jobs whose messages RabbitMQ no longer has");
+            self.metrics.acted(Action::RepublishedLost, lost.len());
             // Not through the outbox: a failed publish leaves the shortfall, found again at the next looks.
             let published =
                 tokio::time::timeout_at(lead.until, outbox::publish_all(self.outbox.publisher(), lost)).await;

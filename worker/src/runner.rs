@@ -31,6 +31,7 @@ use uuid::Uuid;
 use crate::envelope::{Envelope, Turns};
 use crate::execute::{Executor, Limits};
 use crate::health::{self, Consuming};
+use crate::metrics::Metrics;
 use crate::reconciler::Reconciler;
 
 /// What a worker consumes and how much it runs at once.
@@ -122,10 +123,12 @@ impl Worker {
             background_stop.clone(),
         ));
         background.spawn(listen_for_cancels(self.pool.clone(), executor.clone(), background_stop.clone()));
-        let reconciler = Reconciler::new(self.id, self.pool.clone(), outbox, &self.settings);
+        let metrics = executor.metrics().clone();
+        let reconciler =
+            Reconciler::new(self.id, self.pool.clone(), outbox, &self.settings).with_metrics(metrics.clone());
         background.spawn(reconciler.run(shutdown.child_token()));
         let consuming = Consuming::default();
-        let health = self.serve_health(&consuming);
+        let health = self.serve_health(&consuming, &metrics);
         tracing::info!(worker.id = %self.id, queues = ?self.config.queues, concurrency = self.config.concurrency, "worker started");
 
         let mut backoff = RECONNECT_BACKOFF.0;
@@ -136,6 +139,7 @@ impl Worker {
                 Ended::Broken { consumed: true, error } => {
                     // It worked until now: the next try is a fresh start.
                     backoff = RECONNECT_BACKOFF.0;
+                    metrics.reconnected();
                     error
                 }
                 Ended::Broken { consumed: false, error } => error,
@@ -180,14 +184,14 @@ impl Worker {
 
     /// Starts the health port (`worker.http_port` on `http.host`), if any. A
     /// port that cannot be had is logged, not fatal: the worker still works.
-    fn serve_health(&self, consuming: &Consuming) -> Option<ServerHandle> {
+    fn serve_health(&self, consuming: &Consuming, metrics: &Arc<Metrics>) -> Option<ServerHandle> {
         let port = self.settings.worker.http_port;
         if port == 0 {
             return None;
         }
         let address = (self.settings.http.host.as_str(), port);
         let served = std::net::TcpListener::bind(address)
-            .and_then(|listener| health::serve(listener, self.pool.clone(), consuming.clone()));
+            .and_then(|listener| health::serve(listener, self.pool.clone(), consuming.clone(), metrics.clone()));
         match served {
             Ok(server) => {
                 let handle = server.handle();

@@ -1,9 +1,12 @@
 //! The worker's health port: alive while the process lives, ready only while
 //! Postgres answers and its consumers are up.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use shared::db::jobs;
+use shared::job::{Cancel, JobStatus};
 use shared::testing::Proxy;
 use sqlx::postgres::PgConnectOptions;
 
@@ -52,5 +55,108 @@ async fn readyz_says_rabbitmq_is_down_while_the_connection_is_cut_and_recovers(
     stop.cancel();
     worker.await.expect("joined").expect("clean stop");
     assert!(probe(port, "/healthz").await.is_none(), "the port closes with the worker");
+    h.close().await;
+}
+
+/// The samples of `family` in a Prometheus text exposition, by their labels
+/// (`name="value"` pairs, sorted), parsed line by line.
+fn samples(text: &str, family: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut labels: Vec<&str> = labels.split(',').filter(|label| !label.is_empty()).collect();
+            labels.sort_unstable();
+            (name == family).then(|| (labels.join(","), value.parse().unwrap_or(f64::NAN)))
+        })
+        .collect()
+}
+
+/// Fails unless Prometheus' own Python client parses `text` (installed by
+/// `scripts/setup`).
+fn parses_as_prometheus(text: &str) {
+    use std::io::Write as _;
+    let parser = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families\n\
+                  families = list(text_string_to_metric_families(sys.stdin.read()))\nprint(len(families))";
+    let mut python = std::process::Command::new("python3")
+        .args(["-c", parser])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/setup installs the parser)");
+    python.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("written");
+    let parsed = python.wait_with_output().expect("python3 ends");
+    let said = String::from_utf8_lossy(&parsed.stderr);
+    assert!(parsed.status.success(), "prometheus_client refused the exposition (scripts/setup installs it): {said}");
+    let families = String::from_utf8_lossy(&parsed.stdout).trim().parse::<usize>().unwrap_or(0);
+    assert!(families >= 5, "every family parsed: {families}");
+}
+
+/// A known mix of jobs moves each counter by exactly that mix: 3 succeed, 2
+/// fail after a retry each, 1 is cancelled while it runs.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn metrics_count_exactly_the_jobs_that_ran(_: sqlx::postgres::PgPoolOptions, connect: PgConnectOptions) {
+    let port = free_port();
+    let h = Harness::with(connect, |s| {
+        s.worker.http_port = port;
+        s.jobs.retry_backoff_base_ms = 10;
+        s.jobs.retry_backoff_cap_ms = 20;
+    })
+    .await;
+    let (stop, worker) = h.spawn_in_process(8);
+    let succeeding = h.submit(3, "noop", json!({})).await;
+    let failing: Vec<_> = (0..2)
+        .map(|_| {
+            let mut job = shared::testing::new_job("fail", json!({"times": 10}));
+            job.max_attempts = 2;
+            job
+        })
+        .collect();
+    let failing = h.submit_new(failing, 1).await;
+    let cancelled = h.submit(1, "sleep", json!({"ms": 60_000})).await;
+    h.wait(Duration::from_secs(10), "the sleep runs", async || h.count(JobStatus::Running, &cancelled).await == 1)
+        .await;
+    assert!(matches!(jobs::cancel(&h.pool, "default", cancelled[0]).await, Ok(Cancel::Requested(_))));
+    let all: Vec<_> = succeeding.iter().chain(&failing).chain(&cancelled).copied().collect();
+    h.wait(Duration::from_secs(20), "every job ends", async || {
+        h.count(JobStatus::Succeeded, &all).await == 3
+            && h.count(JobStatus::Failed, &all).await == 2
+            && h.count(JobStatus::Cancelled, &all).await == 1
+    })
+    .await;
+
+    let (status, text) = {
+        let answer = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.expect("scraped");
+        (answer.status().as_u16(), answer.text().await.expect("text"))
+    };
+    assert_eq!(status, 200);
+    parses_as_prometheus(&text);
+    let jobs = samples(&text, "conveyor_worker_jobs_total");
+    let expected: BTreeMap<String, f64> = [
+        ("noop", "started", 3.0),
+        ("noop", "succeeded", 3.0),
+        ("fail", "started", 4.0),
+        ("fail", "retried", 2.0),
+        ("fail", "failed", 2.0),
+        ("sleep", "started", 1.0),
+        ("sleep", "cancelled", 1.0),
+    ]
+    .into_iter()
+    .map(|(kind, outcome, n)| (format!("outcome=\"{outcome}\",queue=\"default\",type=\"{kind}\""), n))
+    .collect();
+    assert_eq!(jobs, expected, "{text}");
+    assert_eq!(samples(&text, "conveyor_worker_jobs_in_flight").get(""), Some(&0.0));
+    let runs: f64 = samples(&text, "conveyor_worker_job_run_seconds_count").values().sum();
+    assert_eq!(runs, 8.0, "a run time for each attempt");
+    let actions = samples(&text, "conveyor_reconciler_actions_total");
+    assert_eq!(actions.get("action=\"queued_due\""), Some(&2.0), "the two retries were queued when due: {text}");
+
+    stop.cancel();
+    worker.await.expect("joined").expect("clean stop");
     h.close().await;
 }

@@ -65,7 +65,12 @@ impl Harness {
     }
 
     async fn submit_many(&self, n: usize, kind: &str, payload: Value, per_message: usize) -> Vec<Uuid> {
-        let mut new_jobs: Vec<_> = (0..n).map(|_| shared::testing::new_job(kind, payload.clone())).collect();
+        let new_jobs: Vec<_> = (0..n).map(|_| shared::testing::new_job(kind, payload.clone())).collect();
+        self.submit_new(new_jobs, per_message).await
+    }
+
+    /// Submits `new_jobs` as made by the test, `per_message` to a message.
+    pub async fn submit_new(&self, mut new_jobs: Vec<shared::job::NewJob>, per_message: usize) -> Vec<Uuid> {
         shared::job::stamp_messages(&mut new_jobs, per_message);
         let inserted = jobs::insert_many(&self.pool, &new_jobs).await.expect("insert");
         let published: Vec<_> =

@@ -1,0 +1,151 @@
+//! The worker's metrics, in Prometheus' text format on its health port
+//! (`GET /metrics`). One registry per [`crate::Worker`], so that workers run
+//! side by side in one process (tests) count apart. Label values are bounded:
+//! queue and job type names, outcomes, reconciler actions; never ids.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// What became of a job, as counted by `conveyor_worker_jobs_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum JobEvent {
+    Started,
+    Succeeded,
+    /// Failed with attempts left.
+    Retried,
+    Failed,
+    Cancelled,
+    /// Ran past its timeout (counted as `retried` or `failed` too).
+    TimedOut,
+}
+
+impl JobEvent {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Succeeded => "succeeded",
+            Self::Retried => "retried",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// What the active reconciler did, as counted by `conveyor_reconciler_actions_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    /// Scheduled or retrying jobs queued at their time.
+    QueuedDue,
+    /// Running jobs whose lease expired, put back.
+    Rescued,
+    /// Jobs whose publish was never confirmed, published again (the outbox).
+    Republished,
+    /// Queued jobs whose messages RabbitMQ lost, published again.
+    RepublishedLost,
+    /// Parked jobs of tenants back under their cap, published.
+    Unparked,
+}
+
+impl Action {
+    fn label(self) -> &'static str {
+        match self {
+            Self::QueuedDue => "queued_due",
+            Self::Rescued => "rescued",
+            Self::Republished => "republished_unconfirmed",
+            Self::RepublishedLost => "republished_lost",
+            Self::Unparked => "unparked",
+        }
+    }
+}
+
+/// A worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    jobs: IntCounterVec,
+    run_seconds: HistogramVec,
+    in_flight: IntGauge,
+    actions: IntCounterVec,
+    reconnects: IntCounter,
+}
+
+/// Run times from a millisecond to ten minutes.
+const RUN_SECONDS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 600.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let jobs = IntCounterVec::new(
+            Opts::new("conveyor_worker_jobs_total", "Jobs started and their outcomes, by queue and type"),
+            &["queue", "type", "outcome"],
+        );
+        let run_seconds = HistogramVec::new(
+            HistogramOpts::new("conveyor_worker_job_run_seconds", "How long a job's handler ran, by queue and type")
+                .buckets(RUN_SECONDS.to_vec()),
+            &["queue", "type"],
+        );
+        let in_flight = IntGauge::new("conveyor_worker_jobs_in_flight", "Jobs running in this worker now");
+        let actions = IntCounterVec::new(
+            Opts::new("conveyor_reconciler_actions_total", "Jobs the active reconciler moved or published, by action"),
+            &["action"],
+        );
+        let reconnects = IntCounter::new(
+            "conveyor_worker_rabbitmq_reconnects_total",
+            "Times this worker lost RabbitMQ and connected again",
+        );
+        Self {
+            jobs: registered(&registry, jobs),
+            run_seconds: registered(&registry, run_seconds),
+            in_flight: registered(&registry, in_flight),
+            actions: registered(&registry, actions),
+            reconnects: registered(&registry, reconnects),
+            registry,
+        }
+    }
+
+    pub fn job(&self, queue: &str, kind: &str, event: JobEvent) {
+        self.jobs.with_label_values(&[queue, kind, event.label()]).inc();
+    }
+
+    pub fn ran(&self, queue: &str, kind: &str, seconds: f64) {
+        self.run_seconds.with_label_values(&[queue, kind]).observe(seconds);
+    }
+
+    pub fn set_in_flight(&self, jobs: usize) {
+        self.in_flight.set(i64::try_from(jobs).unwrap_or(i64::MAX));
+    }
+
+    pub fn acted(&self, action: Action, jobs: usize) {
+        self.actions.with_label_values(&[action.label()]).inc_by(u64::try_from(jobs).unwrap_or(u64::MAX));
+    }
+
+    pub fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    /// Everything, in Prometheus' text exposition format.
+    pub fn render(&self) -> String {
+        let mut text = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
+            tracing::warn!(error = %e, "could not render metrics");
+        }
+        String::from_utf8(text).unwrap_or_default()
+    }
+}
+
+/// `metric`, registered in `registry`. The definitions are static and their
+/// names distinct, so this fails only if this file is wrong, which every test
+/// that starts a worker would show.
+fn registered<T: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<T>) -> T {
+    let metric = metric.expect("a valid metric definition");
+    registry.register(Box::new(metric.clone())).expect("a metric name registered once");
+    metric
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
