@@ -380,6 +380,9 @@ pub struct Claimed {
     pub request_id: Option<String>,
     /// Fresh at every claim; every later write about this run must present it.
     pub lease_token: Uuid,
+    /// When it became ready to run (submitted, due, retried or requeued):
+    /// its pickup latency ends at the claim.
+    pub run_at: DateTime<Utc>,
 }
 
 impl Claimed {

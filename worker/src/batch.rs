@@ -1,12 +1,16 @@
 //! Claims and outcomes written in batches (see [`shared::batch`]): under load
 //! one statement, and one commit, serves many jobs.
 
+use std::sync::Arc;
+
 use shared::batch::Batcher;
 use shared::db::{self, jobs};
 use shared::job::{Claimed, Lease, Outcome};
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
+
+use crate::metrics::Metrics;
 
 /// Requests per statement at most.
 const BATCH: usize = 256;
@@ -18,9 +22,17 @@ pub struct Claimer(Batcher<Uuid, Option<Claimed>, db::Error>);
 impl Claimer {
     /// With `max_running` > 0, no tenant runs more than that at once (see
     /// [`jobs::claim_many_capped`]); a job that does not fit is parked.
-    pub fn spawn(tasks: &TaskTracker, pool: PgPool, worker: Uuid, lease_seconds: i32, max_running: i32) -> Self {
+    pub fn spawn(
+        tasks: &TaskTracker,
+        pool: PgPool,
+        worker: Uuid,
+        lease_seconds: i32,
+        max_running: i32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self(Batcher::spawn(tasks, BATCH, move |ids: Vec<Uuid>| {
             let pool = pool.clone();
+            metrics.claimed_together(ids.len());
             async move {
                 let mut claimed = match max_running {
                     0 => jobs::claim_many(&pool, &ids, worker, lease_seconds).await?,

@@ -132,16 +132,17 @@ impl Executor {
     ) -> Self {
         let lease_seconds = i32::try_from(limits.lease_seconds).unwrap_or(i32::MAX);
         let max_running = i32::try_from(limits.max_running).unwrap_or(i32::MAX);
+        let metrics = Arc::new(Metrics::new());
         Self {
             resources,
-            claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds, max_running),
+            claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds, max_running, metrics.clone()),
             outcomes: OutcomeWriter::spawn(tasks, pool.clone()),
             pool,
             outbox,
             settings,
             lease_seconds,
             running: Mutex::new(HashMap::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             pending_cancels: Mutex::new(HashMap::new()),
         }
     }
@@ -295,6 +296,8 @@ impl Executor {
         let cancel = CancellationToken::new();
         let stop = Arc::new(AtomicU8::new(0));
         self.metrics.job(&job.queue, &job.kind, JobEvent::Started);
+        let waited = Utc::now().signed_duration_since(job.run_at);
+        self.metrics.picked_up(&job.queue, waited.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6);
         if let Ok(mut running) = self.running.lock() {
             running.insert(job.id, Running { token: job.lease_token, cancel: cancel.clone(), stop: stop.clone() });
             self.metrics.set_in_flight(running.len());

@@ -5,7 +5,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// What became of a job, as counted by `conveyor_worker_jobs_total`.
@@ -66,9 +67,12 @@ pub struct Metrics {
     registry: Registry,
     jobs: IntCounterVec,
     run_seconds: HistogramVec,
+    pickup_seconds: HistogramVec,
+    claim_batches: Histogram,
     in_flight: IntGauge,
     actions: IntCounterVec,
     reconnects: IntCounter,
+    queue_ready: IntGaugeVec,
 }
 
 /// Run times from a millisecond to ten minutes.
@@ -86,6 +90,18 @@ impl Metrics {
                 .buckets(RUN_SECONDS.to_vec()),
             &["queue", "type"],
         );
+        let pickup_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "conveyor_worker_job_pickup_seconds",
+                "From a job being ready to run (submitted, due, retried) to its claim, by queue",
+            )
+            .buckets(RUN_SECONDS.to_vec()),
+            &["queue"],
+        );
+        let claim_batches = Histogram::with_opts(
+            HistogramOpts::new("conveyor_worker_claim_batch_size", "Jobs claimed by one claim statement")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        );
         let in_flight = IntGauge::new("conveyor_worker_jobs_in_flight", "Jobs running in this worker now");
         let actions = IntCounterVec::new(
             Opts::new("conveyor_reconciler_actions_total", "Jobs the active reconciler moved or published, by action"),
@@ -95,9 +111,20 @@ impl Metrics {
             "conveyor_worker_rabbitmq_reconnects_total",
             "Times this worker lost RabbitMQ and connected again",
         );
+        let queue_ready = IntGaugeVec::new(
+            Opts::new(
+                "conveyor_queue_messages_ready",
+                "Messages waiting in RabbitMQ per queue, all lanes (a batch's message carries several jobs); \
+                 exported by the active reconciler only",
+            ),
+            &["queue"],
+        );
         Self {
+            queue_ready: registered(&registry, queue_ready),
             jobs: registered(&registry, jobs),
             run_seconds: registered(&registry, run_seconds),
+            pickup_seconds: registered(&registry, pickup_seconds),
+            claim_batches: registered(&registry, claim_batches),
             in_flight: registered(&registry, in_flight),
             actions: registered(&registry, actions),
             reconnects: registered(&registry, reconnects),
@@ -113,12 +140,30 @@ impl Metrics {
         self.run_seconds.with_label_values(&[queue, kind]).observe(seconds);
     }
 
+    pub fn picked_up(&self, queue: &str, seconds: f64) {
+        self.pickup_seconds.with_label_values(&[queue]).observe(seconds.max(0.0));
+    }
+
+    pub fn claimed_together(&self, jobs: usize) {
+        self.claim_batches.observe(jobs as f64);
+    }
+
     pub fn set_in_flight(&self, jobs: usize) {
         self.in_flight.set(i64::try_from(jobs).unwrap_or(i64::MAX));
     }
 
     pub fn acted(&self, action: Action, jobs: usize) {
         self.actions.with_label_values(&[action.label()]).inc_by(u64::try_from(jobs).unwrap_or(u64::MAX));
+    }
+
+    /// What the active reconciler read of `queue`'s depth.
+    pub fn set_ready(&self, queue: &str, messages: i64) {
+        self.queue_ready.with_label_values(&[queue]).set(messages);
+    }
+
+    /// No depths any more: this worker no longer leads, another exports them.
+    pub fn forget_depths(&self) {
+        self.queue_ready.reset();
     }
 
     pub fn reconnected(&self) {

@@ -140,6 +140,7 @@ impl Reconciler {
                 Ok(Claim::Held { term, .. }) => {
                     tracing::info!(term = term.term, "reconciler active: this worker leads");
                     self.lead(Lead::new(term, asked, self.ttl), &stop).await;
+                    self.metrics.forget_depths();
                     if stop.is_cancelled() {
                         return;
                     }
@@ -305,7 +306,10 @@ impl Reconciler {
             // Read first: a message claimed meanwhile leaves the queued count
             // too, so the shortfall can only be underestimated, never invented.
             let ready = match self.outbox.publisher().queue_stats(queue).await {
-                Ok((ready, _consumers)) => i64::from(ready),
+                Ok((ready, _consumers)) => {
+                    self.metrics.set_ready(queue, i64::from(ready));
+                    i64::from(ready)
+                }
                 Err(e) => {
                     tracing::debug!(%queue, error = %e, "could not count a queue's messages");
                     continue;

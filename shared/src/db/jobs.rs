@@ -552,7 +552,7 @@ pub async fn claim_many(
                         lease_expires_at = now() + make_interval(secs => $3)
         WHERE id = ANY($1) AND status = 'queued'
         RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", attempt, max_attempts, timeout_seconds,
-                  request_id,
+                  request_id, run_at,
                   lease_token AS "lease_token!"
         "#,
         ids,

@@ -153,6 +153,11 @@ async fn metrics_count_exactly_the_jobs_that_ran(_: sqlx::postgres::PgPoolOption
     assert_eq!(samples(&text, "conveyor_worker_jobs_in_flight").get(""), Some(&0.0));
     let runs: f64 = samples(&text, "conveyor_worker_job_run_seconds_count").values().sum();
     assert_eq!(runs, 8.0, "a run time for each attempt");
+    let pickups: f64 = samples(&text, "conveyor_worker_job_pickup_seconds_count").values().sum();
+    assert_eq!(pickups, 8.0, "a pickup latency for each claim");
+    assert_eq!(samples(&text, "conveyor_worker_claim_batch_size_sum").get(""), Some(&8.0), "each claim in some batch");
+    let depth = samples(&text, "conveyor_queue_messages_ready");
+    assert!(depth.contains_key("queue=\"default\""), "the leader exports the depth: {text}");
     let actions = samples(&text, "conveyor_reconciler_actions_total");
     assert_eq!(actions.get("action=\"queued_due\""), Some(&2.0), "the two retries were queued when due: {text}");
 
