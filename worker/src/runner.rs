@@ -200,7 +200,11 @@ impl Worker {
                 Some(handle)
             }
             Err(e) => {
-                tracing::error!(worker.id = %self.id, port, error = %e, "cannot serve the health port (worker.http_port); running without it");
+                tracing::error!(
+                    worker.id = %self.id, host = %self.settings.http.host, port, error = %e,
+                    "cannot serve the health port; running without it. Give each worker on this host its own \
+                     worker.http_port (CONVEYOR__WORKER__HTTP_PORT), or 0 for none"
+                );
                 None
             }
         }
