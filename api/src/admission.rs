@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ApiError;
+use crate::metrics::Rejection;
 
 /// How often depths are read: how stale a refusal (or an admission) may be.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -52,10 +53,13 @@ impl Admission {
             let Some(queue) = self.queues.get(name) else { continue };
             let depth = queue.depth.load(Ordering::Relaxed);
             if depth >= queue.max_depth {
-                return Err(ApiError::Unavailable(format!(
-                    "queue {name:?} is full ({depth} jobs waiting, max_depth {}); retry once its workers catch up",
-                    queue.max_depth
-                )));
+                return Err(ApiError::Saturated(
+                    Rejection::Admission,
+                    format!(
+                        "queue {name:?} is full ({depth} jobs waiting, max_depth {}); retry once its workers catch up",
+                        queue.max_depth
+                    ),
+                ));
             }
         }
         Ok(())

@@ -14,6 +14,8 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use shared::db;
 
+use crate::metrics::Rejection;
+
 /// A problem with one field of the request, for 422's `errors`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldProblem {
@@ -66,9 +68,15 @@ pub enum ApiError {
         retry = crate::rate_limit::ceil_seconds(.0.decision.retry_after).max(1)
     )]
     RateLimited(Box<crate::rate_limit::Refusal>),
-    /// 503: a dependency is down or saturated; retry after a moment.
+    /// 503: a dependency is down; retry after a moment.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: refused for load, not for a failure: a queue at its `max_depth`
+    /// ([`Rejection::Admission`]) or this replica at `http.max_in_flight`
+    /// ([`Rejection::Overload`]). Same answer as [`Self::Unavailable`];
+    /// counted apart.
+    #[error("{1}")]
+    Saturated(Rejection, String),
     /// 500: a failure whose cause is logged, not shown.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -89,6 +97,23 @@ impl From<db::Error> for ApiError {
 const RETRY_AFTER_SECONDS: &str = "1";
 
 impl ApiError {
+    /// Why the request was refused, when it was refused rather than failed.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            Self::BadRequest(_) | Self::PayloadTooLarge(_) | Self::UnsupportedMediaType(_) | Self::Validation(_) => {
+                Some(Rejection::Validation)
+            }
+            Self::Unauthorized(_) | Self::Forbidden(_) => Some(Rejection::Auth),
+            Self::RateLimited(_) => Some(Rejection::RateLimit),
+            Self::Saturated(reason, _) => Some(*reason),
+            Self::NotFound(_)
+            | Self::MethodNotAllowed
+            | Self::Conflict(_)
+            | Self::Unavailable(_)
+            | Self::Internal(_) => None,
+        }
+    }
+
     fn slug(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad-request",
@@ -101,7 +126,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Validation(_) => "validation-error",
             Self::RateLimited(_) => "rate-limited",
-            Self::Unavailable(_) => "service-unavailable",
+            Self::Unavailable(_) | Self::Saturated(..) => "service-unavailable",
             Self::Internal(_) => "internal-error",
         }
     }
@@ -131,7 +156,7 @@ impl ResponseError for ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Saturated(..) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -161,6 +186,10 @@ impl ResponseError for ApiError {
             errors,
         };
         let mut response = HttpResponse::build(status);
+        if let Some(reason) = self.rejection() {
+            // For the metrics, which see only the answer.
+            response.extensions_mut().insert(reason);
+        }
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
         if status == StatusCode::UNAUTHORIZED {
             // RFC 6750 §3: tell the client which scheme to use.

@@ -5,7 +5,9 @@
 //! - [`cli`]: the command line; [`commands`]: the admin commands behind it.
 //! - [`startup`]: building, binding and running the server and its background tasks.
 //! - [`state`]: what every handler can reach.
-//! - [`routes`]: the HTTP routes (thin: read the request, call the service, answer) and the request-id middleware.
+//! - [`routes`]: the HTTP routes (thin: read the request, call the service, answer).
+//! - [`observe`]: request ids, trace context, the metrics and the log line of every request.
+//! - [`metrics`]: the API's Prometheus metrics (`GET /metrics`).
 //! - [`service`]: the job service: validate → insert → publish → record, reads, cancels, requeues.
 //! - [`submission`]: the submit body and its validation.
 //! - [`admission`]: refusing submissions to a queue past its `max_depth`.
@@ -29,6 +31,8 @@ pub mod caching;
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod metrics;
+pub mod observe;
 pub mod overload;
 pub mod rate_limit;
 pub mod routes;

@@ -17,6 +17,7 @@ use actix_web::middleware::Next;
 use actix_web::{ResponseError as _, web};
 
 use crate::error::ApiError;
+use crate::metrics::Rejection;
 
 /// Requests being worked on in this process, across its HTTP workers.
 pub struct InFlight {
@@ -64,10 +65,10 @@ pub async fn shed(
         Some(in_flight) if !is_probe(req.path()) => match in_flight.enter() {
             Some(place) => Some(place),
             None => {
-                let refusal = ApiError::Unavailable(format!(
-                    "the server is at capacity ({} requests in progress); retry shortly",
-                    in_flight.limit
-                ));
+                let refusal = ApiError::Saturated(
+                    Rejection::Overload,
+                    format!("the server is at capacity ({} requests in progress); retry shortly", in_flight.limit),
+                );
                 let mut req = req;
                 discard_small_body(&mut req).await;
                 return Ok(req.into_response(refusal.error_response()).map_into_right_body());

@@ -20,6 +20,7 @@ use crate::admission::Admission;
 use crate::cache::{EndedJobs, Rendered};
 use crate::caching::Freshness;
 use crate::error::ApiError;
+use crate::metrics::ApiMetrics;
 use crate::submission::{BatchRequest, SubmitRequest, fingerprint};
 
 /// Submissions per insert statement at most.
@@ -50,6 +51,14 @@ pub struct JobPage {
     pub next_cursor: Option<String>,
 }
 
+/// Where a submission came from, stored with its jobs: the request's id and
+/// the API's span for it (W3C `traceparent`).
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub request_id: Option<String>,
+    pub traceparent: Option<String>,
+}
+
 pub struct JobService {
     settings: Arc<Settings>,
     pool: PgPool,
@@ -60,6 +69,7 @@ pub struct JobService {
     ended: Arc<EndedJobs>,
     admission: Arc<Admission>,
     lanes: Lanes,
+    metrics: Arc<ApiMetrics>,
 }
 
 /// Tenants' lanes (see [`shared::db::lanes`]), remembered: a tenant's lane
@@ -108,6 +118,7 @@ impl JobService {
         outbox: Outbox,
         ended: Arc<EndedJobs>,
         admission: Arc<Admission>,
+        metrics: Arc<ApiMetrics>,
         tasks: &TaskTracker,
     ) -> Self {
         let insert_pool = pool.clone();
@@ -116,7 +127,7 @@ impl JobService {
             async move { jobs::insert_each_if_refused(&pool, &jobs).await }
         });
         let lanes = Lanes::new(pool.clone(), settings.amqp.lanes);
-        Self { settings, pool, inserter, outbox, ended, admission, lanes }
+        Self { settings, pool, inserter, outbox, ended, admission, lanes, metrics }
     }
 
     /// Validates, commits and publishes one submission of `tenant`. Once the
@@ -126,19 +137,21 @@ impl JobService {
     pub async fn submit(
         &self,
         tenant: &str,
-        request_id: Option<String>,
+        origin: Origin,
         key: Option<String>,
         request: SubmitRequest,
     ) -> Result<Submitted<Job>, ApiError> {
         let hash = key.as_ref().map(|_| fingerprint("POST /v1/jobs", [&request]));
         let mut new_job = request.validate(&self.settings, tenant.to_owned())?;
         self.admission.admit([new_job.queue.as_str()])?;
-        new_job.request_id = request_id;
+        new_job.request_id = origin.request_id;
+        new_job.traceparent = origin.traceparent;
         let lane = self.lanes.of(tenant).await?;
         new_job.lane = lane;
         let (Some(key), Some(hash)) = (key, hash) else {
+            let traceparent = new_job.traceparent.clone();
             let job = self.inserter.call(new_job).await??;
-            self.publish(std::slice::from_ref(&job), lane, &[None]).await;
+            self.publish(std::slice::from_ref(&job), lane, &[None], traceparent.as_deref()).await;
             return Ok(Submitted { jobs: job, replayed: false });
         };
         let submitted = self.insert_keyed(tenant, key, &hash, vec![new_job]).await?;
@@ -156,7 +169,7 @@ impl JobService {
     pub async fn submit_batch(
         &self,
         tenant: &str,
-        request_id: Option<String>,
+        origin: Origin,
         key: Option<String>,
         batch: BatchRequest,
     ) -> Result<Submitted<Vec<Job>>, ApiError> {
@@ -165,7 +178,8 @@ impl JobService {
         self.admission.admit(new_jobs.iter().map(|job| job.queue.as_str()))?;
         let lane = self.lanes.of(tenant).await?;
         for job in &mut new_jobs {
-            job.request_id.clone_from(&request_id);
+            job.request_id.clone_from(&origin.request_id);
+            job.traceparent.clone_from(&origin.traceparent);
             job.lane = lane;
         }
         stamp_messages(&mut new_jobs, usize::from(self.settings.amqp.jobs_per_message));
@@ -174,7 +188,7 @@ impl JobService {
         }
         let created = jobs::insert_many(&self.pool, &new_jobs).await?;
         let messages: Vec<_> = new_jobs.iter().map(|job| job.message_id).collect();
-        self.publish(&created, lane, &messages).await;
+        self.publish(&created, lane, &messages, origin.traceparent.as_deref()).await;
         Ok(Submitted { jobs: created, replayed: false })
     }
 
@@ -192,11 +206,12 @@ impl JobService {
             job.idempotency_key = Some(key.clone());
         }
         let lane = jobs.first().map_or(0, |job| job.lane);
+        let traceparent = jobs.first().and_then(|job| job.traceparent.clone());
         let messages: Vec<_> = jobs.iter().map(|job| job.message_id).collect();
         let ttl = i64::try_from(self.settings.jobs.idempotency_ttl_seconds).unwrap_or(i64::MAX);
         match db::idempotency::submit(&self.pool, tenant, &key, hash, ttl, &jobs).await? {
             Keyed::Created(created) => {
-                self.publish(&created, lane, &messages).await;
+                self.publish(&created, lane, &messages, traceparent.as_deref()).await;
                 Ok(Submitted { jobs: created, replayed: false })
             }
             Keyed::Replayed(ids) => {
@@ -214,14 +229,18 @@ impl JobService {
         }
     }
 
-    /// Publishes the queued ones of jobs just inserted, all in `lane`, each
-    /// in the message it was stamped with (`messages`, in the same order).
-    async fn publish(&self, inserted: &[Job], lane: i16, messages: &[Option<Uuid>]) {
+    /// Counts the jobs just inserted as submitted, and publishes the queued
+    /// ones, all in `lane`, each in the message it was stamped with
+    /// (`messages`, in the same order), with the request's `traceparent`.
+    async fn publish(&self, inserted: &[Job], lane: i16, messages: &[Option<Uuid>], traceparent: Option<&str>) {
+        for job in inserted {
+            self.metrics.submitted(&job.queue, &job.kind);
+        }
         let queued: Vec<Enqueued> = inserted
             .iter()
             .zip(messages)
             .filter(|(job, _)| job.status == JobStatus::Queued)
-            .map(|(job, message)| Enqueued::of(job, lane, *message))
+            .map(|(job, message)| Enqueued::of(job, lane, *message, traceparent))
             .collect();
         if !queued.is_empty() {
             self.outbox.publish(queued).await;
@@ -235,12 +254,14 @@ impl JobService {
         let max_age = self.settings.http.ended_cache_seconds;
         let ticket = match self.ended.get(id) {
             Ok(entry) if entry.tenant == tenant => {
+                self.metrics.ended_cache(true);
                 let freshness = Freshness::Ended { max_age };
                 return Ok(Read { rendered: entry.rendered.clone(), freshness, age: Some(entry.age()) });
             }
             Ok(_) => return Err(not_found(id)),
             Err(ticket) => ticket,
         };
+        self.metrics.ended_cache(false);
         let job = self.get(tenant, id).await?;
         let rendered = Rendered::of(&job)
             .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("rendering job {id}"))))?;

@@ -28,6 +28,8 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::cache::EndedJobs;
+use crate::metrics::ApiMetrics;
+use crate::observe;
 use crate::overload::{self, InFlight};
 use crate::rate_limit::{self, Limits};
 use crate::routes;
@@ -82,8 +84,10 @@ impl Application {
         let outbox = Outbox::new(publisher.clone(), pool.clone(), &tasks);
         let admission = Arc::new(Admission::new(&settings));
         admission.spawn_refresher(&tasks, publisher.clone(), stop.clone());
-        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, &tasks);
-        let state = web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default() });
+        let metrics = Arc::new(ApiMetrics::new());
+        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, metrics.clone(), &tasks);
+        let state =
+            web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default(), metrics });
         let in_flight = web::Data::new(InFlight::new(state.settings.max_in_flight()));
         let limits = Limits::new(
             &state.settings.rate_limit,
@@ -99,11 +103,12 @@ impl Application {
                 .app_data(auth.clone())
                 .app_data(in_flight.clone())
                 .app_data(limits.clone())
-                // The last wrapped runs first: the request id, the address
+                // The last wrapped runs first: the request id, trace and
+                // metrics (which count what the others refuse), the address
                 // limit (a refused flood takes no in-flight place), shedding.
                 .wrap(from_fn(overload::shed))
                 .wrap(from_fn(rate_limit::limit))
-                .wrap(from_fn(routes::request_id))
+                .wrap(from_fn(observe::observe))
                 .configure(routes::configure)
         })
         .workers(workers)

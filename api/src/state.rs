@@ -8,6 +8,7 @@ use shared::config::Settings;
 use shared::queue::Publisher;
 use sqlx::PgPool;
 
+use crate::metrics::ApiMetrics;
 use crate::routes::health::Readiness;
 use crate::service::JobService;
 
@@ -19,4 +20,5 @@ pub struct AppState {
     pub jobs: JobService,
     /// `/readyz`'s last answer, reused for a second.
     pub readiness: Readiness,
+    pub metrics: Arc<ApiMetrics>,
 }

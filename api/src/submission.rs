@@ -245,6 +245,7 @@ impl SubmitRequest {
             // Given by the service, which knows the tenant's lane.
             lane: 0,
             message_id: None,
+            traceparent: None,
         })
     }
 }

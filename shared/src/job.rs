@@ -301,6 +301,8 @@ pub struct NewJob {
     /// The message that will carry it with others of its batch (the first
     /// one's id); `None`: a message of its own. See [`stamp_messages`].
     pub message_id: Option<Uuid>,
+    /// W3C `traceparent` of the request that submitted it (see [`crate::trace`]).
+    pub traceparent: Option<String>,
 }
 
 /// Groups a batch's jobs into messages of up to `per_message` jobs, by queue
@@ -333,6 +335,8 @@ pub struct Enqueued {
     pub lane: i16,
     /// The message it shares with others of its batch (see [`NewJob::message_id`]).
     pub message_id: Option<Uuid>,
+    /// Its `traceparent`, for the message's headers.
+    pub traceparent: Option<String>,
     /// When the statement that queued it ran (the job's `updated_at` then, and
     /// its outbox row's `created_at`): tells this queued stint from later ones.
     pub queued_at: DateTime<Utc>,
@@ -346,14 +350,16 @@ impl Enqueued {
 
 impl Enqueued {
     /// A job as returned by the statement that queued it, in `lane`, carried
-    /// by message `message_id` (see [`NewJob::message_id`]).
-    pub fn of(job: &Job, lane: i16, message_id: Option<Uuid>) -> Self {
+    /// by message `message_id` (see [`NewJob::message_id`]), submitted by a
+    /// request whose span is `traceparent`.
+    pub fn of(job: &Job, lane: i16, message_id: Option<Uuid>, traceparent: Option<&str>) -> Self {
         Self {
             id: job.id,
             queue: job.queue.clone(),
             priority: job.priority,
             lane,
             message_id,
+            traceparent: traceparent.map(str::to_owned),
             queued_at: job.updated_at,
         }
     }
@@ -378,6 +384,9 @@ pub struct Claimed {
     pub max_attempts: i32,
     pub timeout_seconds: i32,
     pub request_id: Option<String>,
+    /// The submitting request's span (W3C `traceparent`): the parent of the
+    /// worker's span for this run. `None` for jobs stored before it was kept.
+    pub traceparent: Option<String>,
     /// Fresh at every claim; every later write about this run must present it.
     pub lease_token: Uuid,
     /// When it became ready to run (submitted, due, retried or requeued):
@@ -519,6 +528,7 @@ mod tests {
             request_id: None,
             lane: 0,
             message_id: None,
+            traceparent: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`config`]: layered settings (defaults, file, environment), validated once.
 //! - [`job`]: the job model: states, the stored job, failures, and what the API, workers and storage pass each other.
 //! - [`kinds`]: the job types and their registry.
+//! - [`metrics`]: registering and rendering Prometheus metrics.
 //! - [`db`]: the storage layer: every SQL statement, checked at compile time, and its error type.
 //! - [`outbox`]: publishing committed jobs and recording the confirms, in batches.
 //! - [`scope`]: what a token may do.
@@ -15,6 +16,7 @@
 //! - [`queue`]: the RabbitMQ message, topology, publisher, and the deliveries a worker consumes.
 //! - [`signal`]: SIGINT/SIGTERM handling.
 //! - [`telemetry`]: logging set-up.
+//! - [`trace`]: W3C `traceparent`, carried from the HTTP request to the worker.
 //! - `testing` (feature `test-util`): per-test namespaces for integration tests.
 
 pub mod batch;
@@ -23,6 +25,7 @@ pub mod config;
 pub mod db;
 pub mod job;
 pub mod kinds;
+pub mod metrics;
 pub mod outbox;
 pub mod queue;
 pub mod redact;
@@ -31,6 +34,7 @@ pub mod signal;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod trace;
 
 /// Lower-case hexadecimal of `bytes` (digests, key secrets).
 pub fn hex(bytes: &[u8]) -> String {

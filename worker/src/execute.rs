@@ -18,6 +18,7 @@ use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome, RawJson};
 use shared::kinds::{self, JobContext, JobError, Resources};
 use shared::outbox::Outbox;
 use shared::queue::Delivery;
+use shared::trace::TraceParent;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -285,8 +286,7 @@ impl Executor {
         // not wait for the ack: on a connection that just died an ack can hang
         // (bounded, but seconds), and a claimed job that does not run or renew
         // its lease is only rescued when the lease expires.
-        let request_id = job.request_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("job", job.id = %job.id, job.kind = %job.kind, job.attempt = job.attempt, request_id = %request_id);
+        let span = job_span(&job);
         tokio::join!(envelope.resolved(Claim::Done), self.execute(job).instrument(span));
     }
 
@@ -481,4 +481,24 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         Ok(message) => *message,
         Err(panic) => panic.downcast_ref::<&str>().map_or_else(|| "non-string panic".to_owned(), |s| (*s).to_owned()),
     }
+}
+
+/// The span every log line about this run of `job` is in: its id, type,
+/// attempt and request id, and its place in the trace of the request that
+/// submitted it (`trace_id`; `span_id` is this run's, `parent_span_id` the
+/// API's span for the request). A job stored without a `traceparent` starts
+/// a trace of its own.
+fn job_span(job: &Claimed) -> tracing::Span {
+    let parent = job.traceparent.as_deref().and_then(TraceParent::parse);
+    let run = parent.map_or_else(TraceParent::root, |parent| parent.child());
+    tracing::info_span!(
+        "job",
+        job.id = %job.id,
+        job.kind = %job.kind,
+        job.attempt = job.attempt,
+        request_id = job.request_id.as_deref().unwrap_or_default(),
+        trace_id = run.trace_id(),
+        span_id = run.span_id(),
+        parent_span_id = parent.map(|parent| parent.span_id()),
+    )
 }

@@ -66,7 +66,7 @@ async fn readyz(probed: web::Data<Probed>) -> HttpResponse {
 
 /// The worker's metrics, in Prometheus' text format.
 async fn metrics(probed: web::Data<Probed>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(probed.metrics.render())
+    HttpResponse::Ok().content_type(shared::metrics::CONTENT_TYPE).body(probed.metrics.render())
 }
 
 /// The server of the health routes on `listener`, one thread; it runs once awaited.

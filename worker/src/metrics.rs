@@ -3,11 +3,10 @@
 //! side by side in one process (tests) count apart. Label values are bounded:
 //! queue and job type names, outcomes, reconciler actions; never ids.
 
-use prometheus::core::Collector;
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use shared::metrics::registered;
 
 /// What became of a job, as counted by `conveyor_worker_jobs_total`.
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +72,9 @@ pub struct Metrics {
     actions: IntCounterVec,
     reconnects: IntCounter,
     queue_ready: IntGaugeVec,
+    /// Label-less vectors: a series that exists only while this worker leads.
+    workers_alive: IntGaugeVec,
+    outbox_oldest: GaugeVec,
 }
 
 /// Run times from a millisecond to ten minutes.
@@ -119,7 +121,23 @@ impl Metrics {
             ),
             &["queue"],
         );
+        let workers_alive = IntGaugeVec::new(
+            Opts::new(
+                "conveyor_workers_alive",
+                "Workers whose heartbeat is fresh in Postgres; exported by the active reconciler only",
+            ),
+            &[],
+        );
+        let outbox_oldest = GaugeVec::new(
+            Opts::new(
+                "conveyor_outbox_oldest_age_seconds",
+                "Age of the oldest publish RabbitMQ has not confirmed (0: none); exported by the active reconciler only",
+            ),
+            &[],
+        );
         Self {
+            workers_alive: registered(&registry, workers_alive),
+            outbox_oldest: registered(&registry, outbox_oldest),
             queue_ready: registered(&registry, queue_ready),
             jobs: registered(&registry, jobs),
             run_seconds: registered(&registry, run_seconds),
@@ -161,9 +179,17 @@ impl Metrics {
         self.queue_ready.with_label_values(&[queue]).set(messages);
     }
 
-    /// No depths any more: this worker no longer leads, another exports them.
-    pub fn forget_depths(&self) {
+    /// What the active reconciler read of the workers' heartbeats and the outbox.
+    pub fn set_platform(&self, workers_alive: i64, outbox_oldest_seconds: f64) {
+        self.workers_alive.with_label_values::<&str>(&[]).set(workers_alive);
+        self.outbox_oldest.with_label_values::<&str>(&[]).set(outbox_oldest_seconds);
+    }
+
+    /// No platform-wide gauges any more: this worker no longer leads, another exports them.
+    pub fn forget_platform(&self) {
         self.queue_ready.reset();
+        self.workers_alive.reset();
+        self.outbox_oldest.reset();
     }
 
     pub fn reconnected(&self) {
@@ -172,21 +198,8 @@ impl Metrics {
 
     /// Everything, in Prometheus' text exposition format.
     pub fn render(&self) -> String {
-        let mut text = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
-            tracing::warn!(error = %e, "could not render metrics");
-        }
-        String::from_utf8(text).unwrap_or_default()
+        shared::metrics::render(&self.registry)
     }
-}
-
-/// `metric`, registered in `registry`. The definitions are static and their
-/// names distinct, so this fails only if this file is wrong, which every test
-/// that starts a worker would show.
-fn registered<T: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<T>) -> T {
-    let metric = metric.expect("a valid metric definition");
-    registry.register(Box::new(metric.clone())).expect("a metric name registered once");
-    metric
 }
 
 impl Default for Metrics {

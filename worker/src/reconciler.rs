@@ -140,7 +140,7 @@ impl Reconciler {
                 Ok(Claim::Held { term, .. }) => {
                     tracing::info!(term = term.term, "reconciler active: this worker leads");
                     self.lead(Lead::new(term, asked, self.ttl), &stop).await;
-                    self.metrics.forget_depths();
+                    self.metrics.forget_platform();
                     if stop.is_cancelled() {
                         return;
                     }
@@ -269,9 +269,19 @@ impl Reconciler {
             self.renew(lead, false).await?;
             self.find_lost_messages(lead).await?;
             self.forget_expired_keys(lead).await?;
+            self.export_platform().await?;
             // Never more than a tenth of the leader's time, however long the queues.
             self.next_lost_check = Instant::now() + self.heartbeat.max(started.elapsed() * 10);
         }
+        Ok(())
+    }
+
+    /// What only the leader exports, so that it is exported once: how many
+    /// workers heartbeat, and how old the oldest unconfirmed publish is.
+    async fn export_platform(&self) -> Result<(), Interrupted> {
+        let alive = workers::count_live(&self.pool, self.live_seconds).await?;
+        let oldest = db::outbox::oldest_age_seconds(&self.pool).await?;
+        self.metrics.set_platform(alive, oldest);
         Ok(())
     }
 

@@ -22,6 +22,7 @@ pub use shared::scope::{Scope, Scopes};
 use sqlx::PgPool;
 
 use crate::error::ApiError;
+use crate::observe::Tenant;
 use crate::rate_limit::{Bucket, Limits, Rate};
 
 pub mod jwt;
@@ -134,6 +135,7 @@ impl<S: RequiredScope> FromRequest for Authorized<S> {
                 Some(Ok(value)) => bearer(&value)?.to_owned(),
             };
             let caller = auth.authenticate(&token).await?;
+            req.extensions_mut().insert(Tenant(caller.tenant.clone()));
             caller.charge(&req, 1, 0).await?;
             caller.require(S::SCOPE)?;
             Ok(Self { caller, scope: PhantomData })

@@ -1,4 +1,4 @@
-//! Liveness and readiness probes.
+//! Liveness and readiness probes, and the metrics scrape.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,11 @@ use crate::state::AppState;
 
 /// How long a readiness probe waits for each dependency.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /metrics`: this replica's metrics, in Prometheus' text format.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type(shared::metrics::CONTENT_TYPE).body(state.metrics.render(&state.pool))
+}
 
 /// 200 while the process lives.
 pub async fn healthz() -> HttpResponse {

@@ -8,11 +8,12 @@ use serde::Deserialize;
 use shared::job::{Job, JobStatus, ListFilter};
 use uuid::Uuid;
 
-use super::RequestId;
 use crate::auth::{Admin, Authorized, JobsRead, JobsWrite};
 use crate::body::read_json;
 use crate::caching::respond;
 use crate::error::{ApiError, FieldProblem};
+use crate::observe::{RequestId, Span};
+use crate::service::Origin;
 use crate::state::AppState;
 use crate::submission::{BatchRequest, SubmitRequest};
 
@@ -25,7 +26,7 @@ pub async fn submit(
 ) -> Result<HttpResponse, ApiError> {
     let key = idempotency_key(&req)?;
     let request: SubmitRequest = read_json(&req, body, state.settings.http.body_limit_bytes).await?;
-    let submitted = state.jobs.submit(&caller.tenant, RequestId::of(&req), key, request).await?;
+    let submitted = state.jobs.submit(&caller.tenant, origin(&req), key, request).await?;
     let mut response = HttpResponse::Accepted();
     response.insert_header((header::LOCATION, format!("/v1/jobs/{}", submitted.jobs.id)));
     if submitted.replayed {
@@ -47,7 +48,7 @@ pub async fn submit_batch(
     // A batch counts as its jobs (at most the burst); the request took one.
     let jobs = u32::try_from(batch.jobs.len()).unwrap_or(u32::MAX);
     caller.charge(&req, jobs, 1).await?;
-    let submitted = state.jobs.submit_batch(&caller.tenant, RequestId::of(&req), key, batch).await?;
+    let submitted = state.jobs.submit_batch(&caller.tenant, origin(&req), key, batch).await?;
     let mut response = HttpResponse::Accepted();
     if submitted.replayed {
         response.insert_header((IDEMPOTENT_REPLAYED, "true"));
@@ -59,6 +60,11 @@ pub async fn submit_batch(
 #[derive(serde::Serialize)]
 struct Batch<'a> {
     jobs: &'a [Job],
+}
+
+/// Where a submission came from, as stored with its jobs.
+fn origin(req: &HttpRequest) -> Origin {
+    Origin { request_id: RequestId::of(req), traceparent: Span::of(req) }
 }
 
 /// Longest `Idempotency-Key` accepted.

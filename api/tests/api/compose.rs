@@ -101,10 +101,34 @@ fn compose_services_run_commands_and_settings_the_code_accepts() {
 
 #[test]
 fn files_compose_refers_to_exist() {
-    for file in ["Dockerfile", "deploy/nginx.conf"] {
-        assert!(root().join(file).is_file(), "{file} is missing");
-    }
+    assert!(root().join("Dockerfile").is_file(), "Dockerfile is missing");
     let compose = compose();
-    let nginx = strings(&compose["services"]["nginx"]["volumes"]);
-    assert!(nginx.iter().any(|v| v.starts_with("./deploy/nginx.conf:")));
+    let services = compose["services"].as_hash().expect("services");
+    let mut mounted = Vec::new();
+    for (name, service) in services {
+        for volume in strings(&service["volumes"]) {
+            let Some(source) = volume.split(':').next().and_then(|source| source.strip_prefix("./")) else {
+                continue;
+            };
+            assert!(root().join(source).exists(), "{name:?} mounts {source}, which is missing");
+            mounted.push(source.to_owned());
+        }
+    }
+    for file in ["deploy/nginx.conf", "deploy/prometheus.yml", "deploy/alerts.yml", "deploy/grafana/dashboards"] {
+        assert!(mounted.iter().any(|m| m == file), "compose.yaml does not mount {file}: {mounted:?}");
+    }
+}
+
+/// `docker compose --profile observability up` adds Prometheus and Grafana;
+/// a plain `up` does not.
+#[test]
+fn the_observability_profile_adds_prometheus_and_grafana() {
+    let compose = compose();
+    for name in ["prometheus", "grafana"] {
+        let service = &compose["services"][name];
+        assert_eq!(strings(&service["profiles"]), ["observability"], "{name}");
+        assert!(!service["healthcheck"].is_badvalue(), "{name} has a health check");
+    }
+    let profiled = compose["services"].as_hash().expect("services").values().filter(|s| !s["profiles"].is_badvalue());
+    assert_eq!(profiled.count(), 2, "only the observability services are behind a profile");
 }

@@ -10,6 +10,7 @@ use api::startup::Application;
 use serde_json::Value;
 use shared::config::Settings;
 use shared::job::{Job, JobStatus};
+use shared::testing::logs::Logs;
 use shared::testing::{AmqpNamespace, settings};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -73,20 +74,63 @@ pub async fn api_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
 /// and returns it (killed on drop) once it accepts connections, with its
 /// `host:port`.
 pub async fn spawn_api_process(settings: &Settings) -> (tokio::process::Child, String) {
+    spawn_api_process_with(settings, |_| ()).await
+}
+
+/// Like [`spawn_api_process`], with its JSON log lines kept.
+pub async fn spawn_logged_api_process(settings: &Settings) -> (tokio::process::Child, String, Logs) {
+    let (mut server, address) = spawn_api_process_with(settings, |command| {
+        command.env("CONVEYOR__LOG__FORMAT", "json").env("RUST_LOG", "info").stderr(std::process::Stdio::piped());
+    })
+    .await;
+    let logs = Logs::capture(server.stderr.take().expect("stderr is piped"));
+    (server, address, logs)
+}
+
+async fn spawn_api_process_with(
+    settings: &Settings,
+    configure: impl FnOnce(&mut tokio::process::Command),
+) -> (tokio::process::Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
-    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"));
+    command
         .arg("serve")
         .env_clear()
         .envs(shared::testing::child_env(settings))
         .env("CONVEYOR__HTTP__PORT", port.to_string())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("api serve starts");
+        .kill_on_drop(true);
+    configure(&mut command);
+    let server = command.spawn().expect("api serve starts");
     let address = format!("127.0.0.1:{port}");
     let up =
         wait_until(Duration::from_secs(20), || async { tokio::net::TcpStream::connect(&address).await.is_ok() }).await;
     assert!(up, "the server did not start listening");
     (server, address)
+}
+
+/// The worker binary, as a process of its own configured like `settings`,
+/// consuming `default`, its JSON log lines kept. It is the workspace's
+/// `worker` binary beside `api`'s: `cargo test --workspace` builds both.
+pub fn spawn_logged_worker_process(settings: &Settings) -> (tokio::process::Child, Logs) {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_api")).with_file_name("worker");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it (cargo build -p worker; cargo test --workspace does)",
+        binary.display()
+    );
+    let mut worker = tokio::process::Command::new(binary)
+        .args(["--queues", "default", "--concurrency", "2"])
+        .env_clear()
+        .envs(shared::testing::child_env(settings))
+        .env("CONVEYOR__LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the worker binary starts");
+    let logs = Logs::capture(worker.stderr.take().expect("stderr is piped"));
+    (worker, logs)
 }
 
 /// Creates an API key of `tenant` with `scopes` and returns its token.

@@ -35,15 +35,15 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         r#"
         WITH inserted AS (
             INSERT INTO jobs (id, tenant, queue, type, payload, payload_bytes, status, priority, max_attempts,
-                              timeout_seconds, run_at, idempotency_key, request_id, lane, message_id)
+                              timeout_seconds, run_at, idempotency_key, request_id, lane, message_id, traceparent)
             SELECT id, tenant, queue, type, payload::jsonb, octet_length(payload),
                    CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
                    priority, max_attempts, timeout_seconds, COALESCE(run_at, now()), idempotency_key, request_id, lane,
-                   message_id
+                   message_id, traceparent
             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::int4[],
-                        $8::int4[], $9::timestamptz[], $10::text[], $11::text[], $12::int2[], $13::uuid[])
+                        $8::int4[], $9::timestamptz[], $10::text[], $11::text[], $12::int2[], $13::uuid[], $14::text[])
                  AS t(id, tenant, queue, type, payload, priority, max_attempts, timeout_seconds, run_at,
-                      idempotency_key, request_id, lane, message_id)
+                      idempotency_key, request_id, lane, message_id, traceparent)
             RETURNING *),
         pending AS (
             INSERT INTO outbox (job_id, created_at)
@@ -69,6 +69,7 @@ pub async fn insert_many(db: impl PgExecutor<'_>, jobs: &[NewJob]) -> Result<Vec
         &jobs.iter().map(|j| j.request_id.clone()).collect::<Vec<_>>() as _,
         &jobs.iter().map(|j| j.lane).collect::<Vec<_>>(),
         &jobs.iter().map(|j| j.message_id).collect::<Vec<_>>() as _,
+        &jobs.iter().map(|j| j.traceparent.clone()).collect::<Vec<_>>() as _,
     )
     .fetch_all(db)
     .await?;
@@ -108,11 +109,11 @@ pub async fn requeue_one(db: impl PgExecutor<'_>, tenant: &str, id: Uuid) -> Res
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = $1 AND tenant = $2 AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, lane, message_id, updated_at),
+            RETURNING id, queue, priority, lane, message_id, traceparent, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, updated_at AS "queued_at!" FROM moved
         "#,
         id,
         tenant,
@@ -156,11 +157,11 @@ pub async fn requeue_exactly(
                             started_at = NULL, finished_at = NULL, result = NULL, result_bytes = NULL, progress = NULL,
                             cancel_requested_at = NULL, updated_at = now()
             WHERE id = ANY($1) AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, lane, message_id, updated_at),
+            RETURNING id, queue, priority, lane, message_id, traceparent, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, updated_at AS "queued_at!" FROM moved
         "#,
         ids,
     )
@@ -221,11 +222,11 @@ pub async fn requeue_batch(
                            AND ($5::text IS NULL OR tenant = $5) AND ($6::timestamptz IS NULL OR finished_at >= $6)
                          ORDER BY id LIMIT $7 FOR UPDATE SKIP LOCKED)
               AND status IN ('failed', 'cancelled')
-            RETURNING id, queue, priority, lane, message_id, updated_at),
+            RETURNING id, queue, priority, lane, message_id, traceparent, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, updated_at AS "queued_at!" FROM moved
         "#,
         filter.status as _,
         after.unwrap_or(Uuid::nil()),
@@ -552,7 +553,7 @@ pub async fn claim_many(
                         lease_expires_at = now() + make_interval(secs => $3)
         WHERE id = ANY($1) AND status = 'queued'
         RETURNING id, tenant, queue, type AS kind, payload::text AS "payload!: RawJson", attempt, max_attempts, timeout_seconds,
-                  request_id, run_at,
+                  request_id, traceparent, run_at,
                   lease_token AS "lease_token!"
         "#,
         ids,
@@ -643,11 +644,11 @@ pub async fn unpark(db: impl PgExecutor<'_>, leader: Term, max_running: i32, lim
             WHERE id IN (SELECT id FROM picked) AND status = 'queued'
               AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $3
                                                  AND term = $4 AND expires_at > now())
-            RETURNING id, queue, priority, lane, message_id, updated_at),
+            RETURNING id, queue, priority, lane, message_id, traceparent, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, updated_at AS "queued_at!" FROM moved
         "#,
         i64::from(max_running),
         limit,
@@ -698,11 +699,11 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Rel
                 progress = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, message_id = NULL,
                 updated_at = now()
             WHERE id = $1 AND lease_token = $2 AND status = 'running'
-            RETURNING id, queue, priority, lane, message_id, updated_at, status),
+            RETURNING id, queue, priority, lane, message_id, traceparent, updated_at, status),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved WHERE status = 'queued'
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!",
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, updated_at AS "queued_at!",
                status AS "status!: JobStatus"
         FROM moved
         "#,
@@ -718,6 +719,7 @@ pub async fn release(db: impl PgExecutor<'_>, lease: Lease) -> Result<Option<Rel
             priority: row.priority,
             lane: row.lane,
             message_id: row.message_id,
+            traceparent: row.traceparent,
             queued_at: row.queued_at,
         }),
         _ => Released::Cancelled,
@@ -747,11 +749,11 @@ pub async fn queue_due(db: impl PgExecutor<'_>, leader: Term, limit: i64) -> Res
                            AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $2
                                                               AND term = $3 AND expires_at > now())
                          ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-            RETURNING id, queue, priority, lane, message_id, updated_at),
+            RETURNING id, queue, priority, lane, message_id, traceparent, updated_at),
         pending AS (
             INSERT INTO outbox (job_id, created_at) SELECT id, updated_at FROM moved
             ON CONFLICT (job_id) DO UPDATE SET created_at = EXCLUDED.created_at)
-        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, updated_at AS "queued_at!" FROM moved
+        SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, updated_at AS "queued_at!" FROM moved
         "#,
         limit,
         leader.holder,
@@ -834,7 +836,7 @@ pub async fn longest_queued(
         Enqueued,
         r#"
         WITH confirmed AS (
-            SELECT j.id, j.queue, j.priority, j.lane, j.message_id, j.updated_at FROM jobs j
+            SELECT j.id, j.queue, j.priority, j.lane, j.message_id, j.traceparent, j.updated_at FROM jobs j
             WHERE j.queue = $1 AND j.status = 'queued' AND j.updated_at < now() - make_interval(secs => $2)
               AND j.parked_at IS NULL AND NOT EXISTS (SELECT FROM outbox o WHERE o.job_id = j.id)
               AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $4
@@ -843,7 +845,7 @@ pub async fn longest_queued(
             SELECT coalesce(message_id, id) AS message FROM confirmed
             GROUP BY 1 ORDER BY min(updated_at) LIMIT $3)
         SELECT id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id,
-               updated_at AS "queued_at!"
+               traceparent, updated_at AS "queued_at!"
         FROM confirmed WHERE coalesce(message_id, id) IN (SELECT message FROM oldest)
         ORDER BY updated_at
         "#,

@@ -39,7 +39,7 @@ pub async fn sweep(db: impl PgExecutor<'_>, leader: Term, grace_seconds: i32, li
         Enqueued,
         r#"
         WITH oldest AS (
-            SELECT o.job_id, o.created_at, j.status, j.queue, j.priority, j.lane, j.message_id
+            SELECT o.job_id, o.created_at, j.status, j.queue, j.priority, j.lane, j.message_id, j.traceparent
             FROM outbox o LEFT JOIN jobs j ON j.id = o.job_id
             WHERE o.created_at < now() - make_interval(secs => $1)
               AND EXISTS (SELECT FROM leaders WHERE name = 'reconciler' AND holder = $3
@@ -49,7 +49,7 @@ pub async fn sweep(db: impl PgExecutor<'_>, leader: Term, grace_seconds: i32, li
             DELETE FROM outbox o USING oldest
             WHERE o.job_id = oldest.job_id AND o.created_at = oldest.created_at
               AND oldest.status IS DISTINCT FROM 'queued')
-        SELECT job_id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, created_at AS "queued_at!"
+        SELECT job_id AS "id!", queue AS "queue!", priority AS "priority!", lane AS "lane!", message_id, traceparent, created_at AS "queued_at!"
         FROM oldest WHERE status = 'queued'
         "#,
         f64::from(grace_seconds),
@@ -60,4 +60,15 @@ pub async fn sweep(db: impl PgExecutor<'_>, leader: Term, grace_seconds: i32, li
     .fetch_all(db)
     .await?;
     Ok(unconfirmed)
+}
+
+/// Seconds since the oldest unconfirmed publish was queued (0 when every
+/// publish is confirmed): one read of the outbox's oldest row, by its index.
+pub async fn oldest_age_seconds(db: impl PgExecutor<'_>) -> Result<f64> {
+    let age = sqlx::query_scalar!(
+        r#"SELECT coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS "age!" FROM outbox"#,
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(age)
 }

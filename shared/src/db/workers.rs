@@ -88,3 +88,14 @@ pub async fn held(db: impl PgExecutor<'_>, queue: &str, within_seconds: i32) -> 
     .await?;
     Ok(held)
 }
+
+/// How many workers heartbeated within the last `within_seconds`.
+pub async fn count_live(db: impl PgExecutor<'_>, within_seconds: i32) -> Result<i64> {
+    let live = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "live!" FROM workers WHERE last_heartbeat_at > now() - make_interval(secs => $1)"#,
+        f64::from(within_seconds),
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(live)
+}

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::{Delivery, Held, Message, Names, QueueError};
 use crate::config::AmqpSettings;
 use crate::job::{Enqueued, MAX_PRIORITY};
+use crate::trace;
 
 /// AMQP delivery mode 2: the broker writes the message to disk (with a durable
 /// queue, it survives a broker restart).
@@ -202,10 +203,13 @@ impl Publisher {
     /// have a message each.
     ///
     /// A message carries only what the broker needs: persistence, the
-    /// priority, and a body naming the jobs. Everything else about a job
-    /// (its request id included) is in its row; properties nobody reads cost
-    /// the broker dearly (a headers table and three strings made the confirm
-    /// p99 ~6 ms longer under load; docs/BENCHMARKS.md).
+    /// priority, a body naming the jobs, and the W3C `traceparent` of the
+    /// request that submitted them (for tools that follow a trace through the
+    /// broker; the worker reads its parent span from the job's row, which a
+    /// republish carries too). Everything else about a job (its request id
+    /// included) is in its row; properties nobody reads cost the broker dearly
+    /// (a headers table and three strings made the confirm p99 ~6 ms longer
+    /// under load; docs/BENCHMARKS.md).
     pub async fn publish_jobs(&self, jobs: &[Enqueued]) -> Vec<Result<(), PublishError>> {
         let timeout = self.inner.settings.confirm_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -227,9 +231,15 @@ impl Publisher {
                 _ => Message::RunJobs { job_ids: members.iter().map(|&i| jobs[i].id).collect() },
             };
             let body = serde_json::to_vec(&message).unwrap_or_default();
-            let properties = BasicProperties::default()
+            let mut properties = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
                 .with_priority(u8::try_from(first.priority.clamp(0, MAX_PRIORITY)).unwrap_or(0));
+            // A message's jobs come from one request, so share its trace.
+            if let Some(traceparent) = &first.traceparent {
+                let mut headers = FieldTable::default();
+                headers.insert(trace::HEADER.into(), AMQPValue::LongString(traceparent.as_str().into()));
+                properties = properties.with_headers(headers);
+            }
             // A lane beyond those configured (amqp.lanes was lowered) folds back in.
             let lane = u16::try_from(i32::from(first.lane).rem_euclid(lanes)).unwrap_or(0);
             let routing_key = self.inner.names.lane(&first.queue, lane);

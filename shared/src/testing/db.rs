@@ -223,3 +223,8 @@ pub async fn insert_with_status(pool: &PgPool, status: &str) -> Option<String> {
         .await;
     inserted.err().and_then(|e| e.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()))
 }
+
+/// Job `id`'s stored `traceparent`.
+pub async fn traceparent(pool: &PgPool, id: Uuid) -> Option<String> {
+    scalar(pool, "SELECT traceparent FROM jobs WHERE id = $1", |q| q.bind(id)).await
+}

@@ -5,6 +5,8 @@
 //! what tests read and poke in the database.
 
 pub mod db;
+pub mod logs;
+pub mod scrape;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use sqlx::postgres::PgConnectOptions;
@@ -88,6 +90,7 @@ pub fn new_job(kind: &str, payload: serde_json::Value) -> crate::job::NewJob {
     crate::job::NewJob {
         lane: 0,
         message_id: None,
+        traceparent: None,
         id: uuid::Uuid::now_v7(),
         tenant: "default".to_owned(),
         queue: "default".to_owned(),

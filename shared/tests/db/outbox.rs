@@ -9,7 +9,7 @@ use shared::testing::{db, lead, new_job};
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_late_confirm_of_an_earlier_stint_leaves_the_job_in_the_outbox(pool: sqlx::PgPool) {
     let job = jobs::insert(&pool, &new_job("noop", json!({}))).await.expect("insert");
-    let first = Enqueued::of(&job, 0, None);
+    let first = Enqueued::of(&job, 0, None, None);
     // Queued again before the first stint's confirm is recorded.
     assert!(matches!(jobs::cancel(&pool, "default", job.id).await.expect("cancel"), Cancel::Cancelled(_)));
     let second = jobs::requeue_one(&pool, "default", job.id).await.expect("requeue").expect("cancelled");

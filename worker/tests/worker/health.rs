@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use shared::db::jobs;
 use shared::job::{Cancel, JobStatus};
 use shared::testing::Proxy;
+use shared::testing::scrape::{parses_as_prometheus, samples};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::Harness;
@@ -58,45 +59,6 @@ async fn readyz_says_rabbitmq_is_down_while_the_connection_is_cut_and_recovers(
     h.close().await;
 }
 
-/// The samples of `family` in a Prometheus text exposition, by their labels
-/// (`name="value"` pairs, sorted), parsed line by line.
-fn samples(text: &str, family: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((name, labels)) => (name, labels.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let mut labels: Vec<&str> = labels.split(',').filter(|label| !label.is_empty()).collect();
-            labels.sort_unstable();
-            (name == family).then(|| (labels.join(","), value.parse().unwrap_or(f64::NAN)))
-        })
-        .collect()
-}
-
-/// Fails unless Prometheus' own Python client parses `text` (installed by
-/// `scripts/setup`).
-fn parses_as_prometheus(text: &str) {
-    use std::io::Write as _;
-    let parser = "import sys\nfrom prometheus_client.parser import text_string_to_metric_families\n\
-                  families = list(text_string_to_metric_families(sys.stdin.read()))\nprint(len(families))";
-    let mut python = std::process::Command::new("python3")
-        .args(["-c", parser])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 runs (scripts/setup installs the parser)");
-    python.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("written");
-    let parsed = python.wait_with_output().expect("python3 ends");
-    let said = String::from_utf8_lossy(&parsed.stderr);
-    assert!(parsed.status.success(), "prometheus_client refused the exposition (scripts/setup installs it): {said}");
-    let families = String::from_utf8_lossy(&parsed.stdout).trim().parse::<usize>().unwrap_or(0);
-    assert!(families >= 5, "every family parsed: {families}");
-}
-
 /// A known mix of jobs moves each counter by exactly that mix: 3 succeed, 2
 /// fail after a retry each, 1 is cancelled while it runs.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -132,12 +94,19 @@ async fn metrics_count_exactly_the_jobs_that_ran(_: sqlx::postgres::PgPoolOption
     })
     .await;
 
-    let (status, text) = {
+    // The leader's platform-wide gauges come with its periodic look at the queues.
+    let scrape = async || {
         let answer = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.expect("scraped");
-        (answer.status().as_u16(), answer.text().await.expect("text"))
+        assert_eq!(answer.status(), 200);
+        answer.text().await.expect("text")
     };
-    assert_eq!(status, 200);
-    parses_as_prometheus(&text);
+    h.wait(Duration::from_secs(10), "the leader exports its gauges", async || {
+        scrape().await.contains("conveyor_outbox_oldest_age_seconds")
+    })
+    .await;
+    let text = scrape().await;
+    let families = parses_as_prometheus(&text);
+    assert!(families >= 5, "every family parsed: {families}");
     let jobs = samples(&text, "conveyor_worker_jobs_total");
     let expected: BTreeMap<String, f64> = [
         ("noop", "started", 3.0),
@@ -160,6 +129,9 @@ async fn metrics_count_exactly_the_jobs_that_ran(_: sqlx::postgres::PgPoolOption
     assert_eq!(samples(&text, "conveyor_worker_claim_batch_size_sum").get(""), Some(&8.0), "each claim in some batch");
     let depth = samples(&text, "conveyor_queue_messages_ready");
     assert!(depth.contains_key("queue=\"default\""), "the leader exports the depth: {text}");
+    assert_eq!(samples(&text, "conveyor_workers_alive").get(""), Some(&1.0), "{text}");
+    let oldest = samples(&text, "conveyor_outbox_oldest_age_seconds").get("").copied();
+    assert!(oldest.is_some_and(|age| (0.0..5.0).contains(&age)), "publishes are confirmed at once: {oldest:?}");
     let actions = samples(&text, "conveyor_reconciler_actions_total");
     assert_eq!(actions.get("action=\"queued_due\""), Some(&2.0), "the two retries were queued when due: {text}");
 

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,10 +13,10 @@ use shared::db::leadership::{self, RECONCILER, Term};
 use shared::job::{Enqueued, JobStatus};
 use shared::outbox::{self, Outbox};
 use shared::queue::Publisher;
+pub use shared::testing::logs::Logs;
 use shared::testing::{AmqpNamespace, child_env, db, settings};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,7 +73,7 @@ impl Harness {
         shared::job::stamp_messages(&mut new_jobs, per_message);
         let inserted = jobs::insert_many(&self.pool, &new_jobs).await.expect("insert");
         let published: Vec<_> =
-            inserted.iter().zip(&new_jobs).map(|(job, new)| Enqueued::of(job, 0, new.message_id)).collect();
+            inserted.iter().zip(&new_jobs).map(|(job, new)| Enqueued::of(job, 0, new.message_id, None)).collect();
         let ids = published.iter().map(|j| j.id).collect();
         let rows: Vec<_> = published.iter().map(Enqueued::outbox_row).collect();
         let report = outbox::publish_all(&self.publisher, published).await;
@@ -97,18 +96,7 @@ impl Harness {
             .env("CONVEYOR__LOG__FORMAT", "json")
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("the worker binary starts");
-        let logs = Logs::default();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = logs.lines.clone();
-        tokio::spawn(async move {
-            let mut reader = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                let parsed = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                if let Ok(mut lines) = lines.lock() {
-                    lines.push(parsed);
-                }
-            }
-        });
+        let logs = Logs::capture(child.stderr.take().expect("stderr is piped"));
         (child, logs)
     }
 
@@ -180,50 +168,6 @@ impl Harness {
 
     pub async fn close(self) {
         self.pool.close().await;
-    }
-}
-
-/// A worker process's log lines, as JSON objects (a line that is not JSON is kept as a string).
-#[derive(Clone, Default)]
-pub struct Logs {
-    lines: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Logs {
-    /// How many lines there are now: a point to look from.
-    pub fn mark(&self) -> usize {
-        self.lines.lock().map_or(0, |lines| lines.len())
-    }
-
-    /// The messages of the lines since `mark`.
-    pub fn messages_since(&self, mark: usize) -> Vec<String> {
-        let lines = self.lines.lock().map(|lines| lines.get(mark..).unwrap_or_default().to_vec()).unwrap_or_default();
-        lines
-            .iter()
-            .map(|line| match line.get("message").and_then(Value::as_str) {
-                Some(message) => message.to_owned(),
-                None => line.to_string(),
-            })
-            .collect()
-    }
-
-    /// Every line since `mark`, as written.
-    pub fn raw_since(&self, mark: usize) -> String {
-        let lines = self.lines.lock().map(|lines| lines.get(mark..).unwrap_or_default().to_vec()).unwrap_or_default();
-        lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
-    }
-
-    /// Waits (bounded) until a line since `mark` contains `text`.
-    pub async fn wait_for(&self, limit: Duration, mark: usize, text: &str) {
-        let start = Instant::now();
-        while !self.messages_since(mark).iter().any(|m| m.contains(text)) {
-            assert!(
-                start.elapsed() < limit,
-                "no log line containing {text:?} within {limit:?}; got {:#?}",
-                self.messages_since(mark)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
