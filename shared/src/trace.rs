@@ -18,13 +18,19 @@ pub struct TraceParent {
 /// The AMQP header (and HTTP header) that carries it.
 pub const HEADER: &str = "traceparent";
 
-/// `sampled`: the caller may record this trace. A trace started here is.
+/// `sampled`: the caller may record this trace.
 const SAMPLED: u8 = 0x01;
 
 impl TraceParent {
-    /// A new trace, of which this is the root span.
+    /// A new trace, of which this is the root span. Not sampled: nothing
+    /// here records spans, so nobody will have this trace but the logs.
     pub fn root() -> Self {
-        Self { trace_id: nonzero(), span_id: nonzero(), flags: SAMPLED }
+        Self { trace_id: nonzero(), span_id: nonzero(), flags: 0 }
+    }
+
+    /// Whether the trace's `sampled` flag is set: someone upstream records it.
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
     }
 
     /// A span of the same trace whose parent is `self`.
@@ -112,8 +118,10 @@ mod tests {
         assert_eq!(child.trace_id(), parent.trace_id());
         assert_ne!(child.span_id(), parent.span_id());
         assert!(child.to_string().ends_with("-01"));
+        assert!(child.sampled());
         let root = TraceParent::root();
         assert_ne!(root.trace_id(), parent.trace_id());
+        assert!(!root.sampled() && root.to_string().ends_with("-00"), "nobody records a trace started here");
         assert_eq!(TraceParent::parse(&root.to_string()), Some(root));
     }
 

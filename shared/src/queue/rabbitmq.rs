@@ -203,10 +203,10 @@ impl Publisher {
     /// have a message each.
     ///
     /// A message carries only what the broker needs: persistence, the
-    /// priority, a body naming the jobs, and the W3C `traceparent` of the
-    /// request that submitted them (for tools that follow a trace through the
-    /// broker; the worker reads its parent span from the job's row, which a
-    /// republish carries too). Everything else about a job (its request id
+    /// priority, a body naming the jobs, and, when the trace of the request
+    /// that submitted them is sampled, its W3C `traceparent` header (for
+    /// tools that follow a trace through the broker; the worker reads its
+    /// parent span from the job's row, which every republish has too). Everything else about a job (its request id
     /// included) is in its row; properties nobody reads cost the broker dearly
     /// (a headers table and three strings made the confirm p99 ~6 ms longer
     /// under load; docs/BENCHMARKS.md).
@@ -234,8 +234,11 @@ impl Publisher {
             let mut properties = BasicProperties::default()
                 .with_delivery_mode(PERSISTENT)
                 .with_priority(u8::try_from(first.priority.clamp(0, MAX_PRIORITY)).unwrap_or(0));
-            // A message's jobs come from one request, so share its trace.
-            if let Some(traceparent) = &first.traceparent {
+            // A message's jobs come from one request, so share its trace. Only
+            // a sampled one: a headers table costs RabbitMQ ~15% of its peak
+            // publish rate (docs/BENCHMARKS.md), which a trace nobody records
+            // should not pay; the worker reads the parent from the row anyway.
+            if let Some(traceparent) = first.traceparent.as_ref().filter(|tp| sampled(tp)) {
                 let mut headers = FieldTable::default();
                 headers.insert(trace::HEADER.into(), AMQPValue::LongString(traceparent.as_str().into()));
                 properties = properties.with_headers(headers);
@@ -308,6 +311,11 @@ impl Publisher {
 
 /// Which of `jobs` travel together: one list of indexes per message, in the
 /// order of each message's first job.
+/// Whether a stored `traceparent` is of a sampled trace.
+fn sampled(traceparent: &str) -> bool {
+    trace::TraceParent::parse(traceparent).is_some_and(|tp| tp.sampled())
+}
+
 fn messages_of(jobs: &[Enqueued]) -> Vec<Vec<usize>> {
     let mut messages: Vec<Vec<usize>> = Vec::new();
     let mut shared: HashMap<Uuid, usize> = HashMap::new();
