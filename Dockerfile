@@ -2,7 +2,8 @@
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bins
+# With the OTLP exporter: telemetry.otlp_endpoint turns it on.
+RUN cargo build --release --locked --bins --features api/otlp,worker/otlp
 
 FROM debian:bookworm-slim
 # curl: the API's and the workers' container health checks.

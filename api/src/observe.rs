@@ -17,6 +17,7 @@ use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage as _, HttpRequest, web};
+use shared::spans::{Attribute, Finished, Kind};
 use shared::trace::{self, TraceParent};
 use uuid::Uuid;
 
@@ -64,10 +65,13 @@ pub async fn observe(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned);
-    let span = TraceParent::continue_or_start(req.headers().get(trace::HEADER).and_then(|v| v.to_str().ok()));
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let recording = state.as_ref().is_some_and(|state| state.spans.recording());
+    let header = req.headers().get(trace::HEADER).and_then(|v| v.to_str().ok());
+    let (span, parent) = TraceParent::continue_or_start(header, recording);
+    let started_at = std::time::SystemTime::now();
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(Span(span));
-    let metrics = req.app_data::<web::Data<AppState>>().map(|state| state.metrics.clone());
     let method = method_label(req.method());
     let mut response = next.call(req).await?;
     if let Ok(value) = HeaderValue::from_str(&id) {
@@ -78,13 +82,34 @@ pub async fn observe(
     let request = response.request();
     let route = request.match_pattern();
     let route = route.as_deref().unwrap_or("unmatched");
-    if let Some(metrics) = metrics {
-        metrics.answered(method, route, status, elapsed.as_secs_f64());
+    let tenant = request.extensions().get::<Tenant>().map(|t| t.0.clone());
+    if let Some(state) = &state {
+        state.metrics.answered(method, route, status, elapsed.as_secs_f64());
         if let Some(reason) = response.response().extensions().get::<Rejection>() {
-            metrics.rejected(*reason);
+            state.metrics.rejected(*reason);
+        }
+        if recording && span.sampled() {
+            let mut attributes = vec![
+                ("http.request.method", Attribute::Text(method.to_owned())),
+                ("http.route", Attribute::Text(route.to_owned())),
+                ("http.response.status_code", Attribute::Int(i64::from(status))),
+                ("conveyor.request_id", Attribute::Text(id.clone())),
+            ];
+            if let Some(tenant) = &tenant {
+                attributes.push(("conveyor.tenant", Attribute::Text(tenant.clone())));
+            }
+            state.spans.record(Finished {
+                name: format!("{method} {route}"),
+                kind: Kind::Server,
+                span,
+                parent,
+                start: started_at,
+                end: std::time::SystemTime::now(),
+                attributes,
+                error: (status >= 500).then(|| format!("answered {status}")),
+            });
         }
     }
-    let tenant = request.extensions().get::<Tenant>().map(|t| t.0.clone());
     let latency_ms = elapsed.as_secs_f64() * 1e3;
     let trace_id = span.trace_id();
     let tenant = tenant.as_deref().unwrap_or("");

@@ -86,8 +86,9 @@ impl Application {
         admission.spawn_refresher(&tasks, publisher.clone(), stop.clone());
         let metrics = Arc::new(ApiMetrics::new());
         let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, metrics.clone(), &tasks);
+        let spans = shared::spans::start(&settings.telemetry.otlp_endpoint, "conveyor-api", &tasks, stop.clone());
         let state =
-            web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default(), metrics });
+            web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default(), metrics, spans });
         let in_flight = web::Data::new(InFlight::new(state.settings.max_in_flight()));
         let limits = Limits::new(
             &state.settings.rate_limit,

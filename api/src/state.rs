@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use shared::config::Settings;
 use shared::queue::Publisher;
+use shared::spans::Spans;
 use sqlx::PgPool;
 
 use crate::metrics::ApiMetrics;
@@ -21,4 +22,6 @@ pub struct AppState {
     /// `/readyz`'s last answer, reused for a second.
     pub readiness: Readiness,
     pub metrics: Arc<ApiMetrics>,
+    /// Where each request's span goes (nowhere unless `telemetry.otlp_endpoint`).
+    pub spans: Spans,
 }

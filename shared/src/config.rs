@@ -48,6 +48,15 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub tenants: TenantSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP collector base URL (`http://collector:4318`); spans go to
+    /// its `/v1/traces`. Empty: no export.
+    pub otlp_endpoint: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -15,6 +15,7 @@
 //! - [`redact`]: passwords kept out of logs and errors.
 //! - [`queue`]: the RabbitMQ message, topology, publisher, and the deliveries a worker consumes.
 //! - [`signal`]: SIGINT/SIGTERM handling.
+//! - [`spans`]: OTLP export of the API's and workers' spans (feature `otlp`).
 //! - [`telemetry`]: logging set-up.
 //! - [`trace`]: W3C `traceparent`, carried from the HTTP request to the worker.
 //! - `testing` (feature `test-util`): per-test namespaces for integration tests.
@@ -31,6 +32,7 @@ pub mod queue;
 pub mod redact;
 pub mod scope;
 pub mod signal;
+pub mod spans;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;

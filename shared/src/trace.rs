@@ -28,6 +28,16 @@ impl TraceParent {
         Self { trace_id: nonzero(), span_id: nonzero(), flags: 0 }
     }
 
+    /// A new trace that this process records (`sampled`): when it exports spans.
+    pub fn sampled_root() -> Self {
+        Self { flags: SAMPLED, ..Self::root() }
+    }
+
+    /// The trace id and span id as numbers (for exporters).
+    pub fn ids(&self) -> (u128, u64) {
+        (self.trace_id, self.span_id)
+    }
+
     /// Whether the trace's `sampled` flag is set: someone upstream records it.
     pub fn sampled(&self) -> bool {
         self.flags & SAMPLED != 0
@@ -62,9 +72,14 @@ impl TraceParent {
         Some(Self { trace_id, span_id, flags })
     }
 
-    /// The client's trace continued by a new span, or a new trace.
-    pub fn continue_or_start(header: Option<&str>) -> Self {
-        header.and_then(Self::parse).map_or_else(Self::root, |parent| parent.child())
+    /// The client's trace continued by a new span (with the client's span),
+    /// or a new trace, sampled when this process records spans.
+    pub fn continue_or_start(header: Option<&str>, recording: bool) -> (Self, Option<Self>) {
+        match header.and_then(Self::parse) {
+            Some(parent) => (parent.child(), Some(parent)),
+            None if recording => (Self::sampled_root(), None),
+            None => (Self::root(), None),
+        }
     }
 
     /// 32 lower-case hex digits: what log lines carry as `trace_id`.
@@ -147,7 +162,8 @@ mod tests {
             TraceParent::parse(later).map(|p| p.trace_id()).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
-        let started = TraceParent::continue_or_start(Some("garbage"));
-        assert_ne!(started.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let (started, parent) = TraceParent::continue_or_start(Some("garbage"), false);
+        assert!(parent.is_none() && !started.sampled());
+        assert!(TraceParent::continue_or_start(None, true).0.sampled(), "recorded here, so sampled");
     }
 }

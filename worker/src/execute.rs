@@ -18,6 +18,7 @@ use shared::job::{Claimed, FailureKind, JobFailure, Lease, Outcome, RawJson};
 use shared::kinds::{self, JobContext, JobError, Resources};
 use shared::outbox::Outbox;
 use shared::queue::Delivery;
+use shared::spans::{self, Attribute, Spans};
 use shared::trace::TraceParent;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -83,6 +84,8 @@ pub struct Executor {
     /// wait for the next heartbeat. Requests for other workers' jobs land here
     /// too; each is kept for [`PENDING_CANCEL_TTL`].
     pending_cancels: Mutex<HashMap<Uuid, std::time::Instant>>,
+    /// Where each attempt's span goes (nowhere unless `telemetry.otlp_endpoint`).
+    spans: Spans,
 }
 
 /// How long a cancel request for a job not running here is kept.
@@ -145,7 +148,14 @@ impl Executor {
             running: Mutex::new(HashMap::new()),
             metrics,
             pending_cancels: Mutex::new(HashMap::new()),
+            spans: Spans::off(),
         }
+    }
+
+    /// Exports each attempt's span to `spans`.
+    pub fn with_spans(mut self, spans: Spans) -> Self {
+        self.spans = spans;
+        self
     }
 
     /// What it counts (see [`Metrics`]).
@@ -286,12 +296,14 @@ impl Executor {
         // not wait for the ack: on a connection that just died an ack can hang
         // (bounded, but seconds), and a claimed job that does not run or renew
         // its lease is only rescued when the lease expires.
-        let span = job_span(&job);
-        tokio::join!(envelope.resolved(Claim::Done), self.execute(job).instrument(span));
+        let trace = JobTrace::of(&job, self.spans.recording());
+        let span = trace.span(&job);
+        tokio::join!(envelope.resolved(Claim::Done), self.execute(job, trace).instrument(span));
     }
 
-    async fn execute(&self, job: Claimed) {
+    async fn execute(&self, job: Claimed, trace: JobTrace) {
         let started = std::time::Instant::now();
+        let started_at = std::time::SystemTime::now();
         let lease = job.lease();
         let cancel = CancellationToken::new();
         let stop = Arc::new(AtomicU8::new(0));
@@ -318,7 +330,11 @@ impl Executor {
         let elapsed = started.elapsed();
         self.metrics.ran(&job.queue, &job.kind, elapsed.as_secs_f64());
         let elapsed_ms = elapsed.as_millis() as u64;
-        match self.after(&job, ran, Stop::from_u8(stop.load(Ordering::SeqCst))) {
+        let after = self.after(&job, ran, Stop::from_u8(stop.load(Ordering::SeqCst)));
+        if self.spans.recording() {
+            self.spans.record(trace.finished(&job, &after, started_at));
+        }
+        match after {
             After::Finish(outcome) => self.finish(&job, outcome, elapsed_ms).await,
             After::Release => self.release(lease).await,
             After::Abandon => tracing::warn!(elapsed_ms, "lease lost while running; the outcome is discarded"),
@@ -483,22 +499,69 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// The span every log line about this run of `job` is in: its id, type,
-/// attempt and request id, and its place in the trace of the request that
-/// submitted it (`trace_id`; `span_id` is this run's, `parent_span_id` the
-/// API's span for the request). A job stored without a `traceparent` starts
-/// a trace of its own.
-fn job_span(job: &Claimed) -> tracing::Span {
-    let parent = job.traceparent.as_deref().and_then(TraceParent::parse);
-    let run = parent.map_or_else(TraceParent::root, |parent| parent.child());
-    tracing::info_span!(
-        "job",
-        job.id = %job.id,
-        job.kind = %job.kind,
-        job.attempt = job.attempt,
-        request_id = job.request_id.as_deref().unwrap_or_default(),
-        trace_id = run.trace_id(),
-        span_id = run.span_id(),
-        parent_span_id = parent.map(|parent| parent.span_id()),
-    )
+/// This attempt's place in the trace of the request that submitted the job:
+/// a child of the API's span for it. A job stored without a `traceparent`
+/// starts a trace of its own (sampled when spans are exported).
+#[derive(Debug, Clone, Copy)]
+struct JobTrace {
+    run: TraceParent,
+    parent: Option<TraceParent>,
+}
+
+impl JobTrace {
+    fn of(job: &Claimed, recording: bool) -> Self {
+        let parent = job.traceparent.as_deref().and_then(TraceParent::parse);
+        let root = if recording { TraceParent::sampled_root } else { TraceParent::root };
+        Self { run: parent.map_or_else(root, |parent| parent.child()), parent }
+    }
+
+    /// The span every log line about this attempt is in: the job's id, type,
+    /// attempt and request id, and `trace_id`, `span_id` (this attempt's)
+    /// and `parent_span_id` (the API's span for the request).
+    fn span(&self, job: &Claimed) -> tracing::Span {
+        tracing::info_span!(
+            "job",
+            job.id = %job.id,
+            job.kind = %job.kind,
+            job.attempt = job.attempt,
+            request_id = job.request_id.as_deref().unwrap_or_default(),
+            trace_id = self.run.trace_id(),
+            span_id = self.run.span_id(),
+            parent_span_id = self.parent.map(|parent| parent.span_id()),
+        )
+    }
+
+    /// The attempt as an exported span, from `started` to now.
+    fn finished(&self, job: &Claimed, after: &After, started: std::time::SystemTime) -> spans::Finished {
+        let (outcome, error) = match after {
+            After::Finish(outcome) => {
+                let error = match outcome {
+                    Outcome::Succeeded(_) => None,
+                    Outcome::Retrying { error, .. } | Outcome::Failed(error) | Outcome::Cancelled(error) => {
+                        Some(error.message.clone())
+                    }
+                };
+                (outcome.status().as_str(), error)
+            }
+            After::Release => ("released", None),
+            After::Abandon => ("abandoned", Some("the lease was lost while running".to_owned())),
+        };
+        spans::Finished {
+            name: format!("job {}", job.kind),
+            kind: spans::Kind::Consumer,
+            span: self.run,
+            parent: self.parent,
+            start: started,
+            end: std::time::SystemTime::now(),
+            attributes: vec![
+                ("messaging.system", Attribute::Text("rabbitmq".to_owned())),
+                ("messaging.destination.name", Attribute::Text(job.queue.clone())),
+                ("conveyor.job.id", Attribute::Text(job.id.to_string())),
+                ("conveyor.job.type", Attribute::Text(job.kind.clone())),
+                ("conveyor.job.attempt", Attribute::Int(i64::from(job.attempt))),
+                ("conveyor.job.outcome", Attribute::Text(outcome.to_owned())),
+            ],
+            error,
+        }
+    }
 }

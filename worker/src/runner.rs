@@ -97,18 +97,26 @@ impl Worker {
         let publisher = Publisher::new(&self.settings.amqp, self.settings.queues.keys().cloned().collect(), &name);
         let outbox = Outbox::new(publisher, self.pool.clone(), &background);
         let resources = Resources::new(&self.settings.jobs)?;
-        let executor = Arc::new(Executor::new(
-            self.id,
-            self.pool.clone(),
-            outbox.clone(),
-            self.settings.jobs.clone(),
-            Limits {
-                lease_seconds: self.settings.worker.lease_seconds,
-                max_running: self.settings.tenants.max_running,
-            },
-            resources,
-            &background,
-        ));
+        let executor = Arc::new(
+            Executor::new(
+                self.id,
+                self.pool.clone(),
+                outbox.clone(),
+                self.settings.jobs.clone(),
+                Limits {
+                    lease_seconds: self.settings.worker.lease_seconds,
+                    max_running: self.settings.tenants.max_running,
+                },
+                resources,
+                &background,
+            )
+            .with_spans(shared::spans::start(
+                &self.settings.telemetry.otlp_endpoint,
+                "conveyor-worker",
+                &background,
+                background_stop.clone(),
+            )),
+        );
         let slots = Arc::new(Semaphore::new(usize::from(self.config.concurrency)));
         let held = Held::new(&self.config.queues);
         let jobs = TaskTracker::new();

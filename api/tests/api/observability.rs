@@ -354,3 +354,129 @@ async fn every_metric_the_dashboard_and_alerts_query_is_scraped(_: PgPoolOptions
     assert!(missing.is_empty(), "queried but not exported: {missing:?}\nexported: {exported:?}");
     app.stop().await;
 }
+
+/// With `telemetry.otlp_endpoint`, the API's span for a request and the
+/// worker's span for the job's attempt reach an OTLP collector (a fake one
+/// here, decoding what it gets as a real one does) with the ids of the logs:
+/// the worker's span a child of the API's, the API's a child of the client's.
+#[cfg(feature = "otlp")]
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn spans_reach_the_otlp_collector_as_one_trace(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message as _;
+
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ExportTraceServiceRequest>::new()));
+    let collector = {
+        let received = actix_web::web::Data::new(received.clone());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = listener.local_addr().expect("its address").port();
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new().app_data(received.clone()).route(
+                "/v1/traces",
+                actix_web::web::post().to(
+                    |body: actix_web::web::Bytes,
+                     received: actix_web::web::Data<
+                        std::sync::Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>,
+                    >| async move {
+                        let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                        received.lock().expect("lock").push(request);
+                        actix_web::HttpResponse::Ok().content_type("application/x-protobuf").body(Vec::new())
+                    },
+                ),
+            )
+        })
+        .workers(1)
+        .listen(listener)
+        .expect("listens")
+        .run();
+        tokio::spawn(server);
+        format!("http://127.0.0.1:{port}")
+    };
+    let mut app = spawn_app_with(connect, |settings| settings.telemetry.otlp_endpoint = collector).await;
+    app.spawn_worker(&["default"], 2);
+    let client_trace = "0af7651916cd43dd8448eb211c80319c";
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("traceparent", format!("00-{client_trace}-b7ad6b7169203331-01"))
+        .json(&json!({"type": "noop"}))
+        .send()
+        .await
+        .expect("sent");
+    let job: Job = response.json().await.expect("a job");
+    let untraced = app.submit_ok(&json!({"type": "noop"})).await;
+    app.wait_terminal(job.id).await;
+    app.wait_terminal(untraced.id).await;
+
+    // (name, trace id, span id, parent span id, attributes) of every span received.
+    type Seen = (String, String, String, String, BTreeMap<String, String>);
+    let spans = || -> Vec<Seen> {
+        let hex = |bytes: &[u8]| shared::hex(bytes);
+        let received = received.lock().expect("lock");
+        let mut seen = Vec::new();
+        for request in received.iter() {
+            for resource in &request.resource_spans {
+                for scope in &resource.scope_spans {
+                    for span in &scope.spans {
+                        let attributes = span
+                            .attributes
+                            .iter()
+                            .map(|kv| {
+                                let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(Any::StringValue(s)) => s.clone(),
+                                    Some(Any::IntValue(n)) => n.to_string(),
+                                    other => format!("{other:?}"),
+                                };
+                                (kv.key.clone(), value)
+                            })
+                            .collect();
+                        seen.push((
+                            span.name.clone(),
+                            hex(&span.trace_id),
+                            hex(&span.span_id),
+                            hex(&span.parent_span_id),
+                            attributes,
+                        ));
+                    }
+                }
+            }
+        }
+        seen
+    };
+    let job_span = |id: uuid::Uuid| {
+        spans().into_iter().find(|(name, .., attributes)| {
+            name == "job noop" && attributes.get("conveyor.job.id") == Some(&id.to_string())
+        })
+    };
+    let arrived =
+        wait_until(Duration::from_secs(10), || async { job_span(job.id).is_some() && job_span(untraced.id).is_some() })
+            .await;
+    assert!(arrived, "the worker's spans never arrived: {:?}", spans());
+
+    // The client's trace: client span → the API's span (stored with the job) → the attempt.
+    let stored = shared::testing::db::traceparent(&app.pool, job.id).await.expect("stored");
+    let api_span_id = stored.split('-').nth(2).expect("a span id").to_owned();
+    let request = spans()
+        .into_iter()
+        .find(|(name, trace, ..)| name == "POST /v1/jobs" && trace == client_trace)
+        .expect("the API's span for the request");
+    assert_eq!((request.2.as_str(), request.3.as_str()), (api_span_id.as_str(), "b7ad6b7169203331"));
+    assert_eq!(request.4["http.route"], "/v1/jobs");
+    assert_eq!(request.4["http.response.status_code"], "202");
+    let attempt = job_span(job.id).expect("the attempt's span");
+    assert_eq!((attempt.1.as_str(), attempt.3.as_str()), (client_trace, api_span_id.as_str()));
+    assert_eq!(attempt.4["conveyor.job.outcome"], "succeeded");
+    assert_eq!(attempt.4["messaging.destination.name"], "default");
+
+    // A request without a trace starts one, recorded since spans are exported.
+    let stored = shared::testing::db::traceparent(&app.pool, untraced.id).await.expect("stored");
+    let started = shared::trace::TraceParent::parse(&stored).expect("valid");
+    assert!(started.sampled(), "a trace started by a process that records spans is sampled: {stored}");
+    let attempt = job_span(untraced.id).expect("the attempt's span");
+    assert_eq!(attempt.1, started.trace_id());
+    let root =
+        spans().into_iter().find(|(_, trace, span, ..)| *trace == started.trace_id() && *span == started.span_id());
+    assert_eq!(root.map(|root| root.3), Some(String::new()), "the API's span is the trace's root");
+    app.stop().await;
+}

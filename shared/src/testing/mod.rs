@@ -165,6 +165,7 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ("CONVEYOR__RATE_LIMIT__IP_PER_SECOND", settings.rate_limit.ip_per_second.to_string()),
         ("CONVEYOR__RATE_LIMIT__BACKEND", format!("{:?}", settings.rate_limit.backend).to_lowercase()),
         ("CONVEYOR__RATE_LIMIT__REDIS_URL", settings.rate_limit.redis_url.clone()),
+        ("CONVEYOR__TELEMETRY__OTLP_ENDPOINT", settings.telemetry.otlp_endpoint.clone()),
         ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned())),
     ];
     let mut env: Vec<(String, String)> = fixed.into_iter().map(|(key, value)| (key.to_owned(), value)).collect();
