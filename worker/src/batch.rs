@@ -59,9 +59,10 @@ impl Claimer {
 pub struct OutcomeWriter(Batcher<(Lease, Outcome), db::Result<bool>, db::Error>);
 
 impl OutcomeWriter {
-    pub fn spawn(tasks: &TaskTracker, pool: PgPool) -> Self {
+    pub fn spawn(tasks: &TaskTracker, pool: PgPool, metrics: Arc<Metrics>) -> Self {
         Self(Batcher::spawn(tasks, BATCH, move |outcomes: Vec<(Lease, Outcome)>| {
             let pool = pool.clone();
+            metrics.wrote_outcomes_together(outcomes.len());
             async move {
                 let refs: Vec<(Lease, &Outcome)> = outcomes.iter().map(|(lease, outcome)| (*lease, outcome)).collect();
                 jobs::finish_each_if_refused(&pool, &refs).await

@@ -140,7 +140,7 @@ impl Executor {
         Self {
             resources,
             claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds, max_running, metrics.clone()),
-            outcomes: OutcomeWriter::spawn(tasks, pool.clone()),
+            outcomes: OutcomeWriter::spawn(tasks, pool.clone(), metrics.clone()),
             pool,
             outbox,
             settings,

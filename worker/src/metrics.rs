@@ -68,6 +68,7 @@ pub struct Metrics {
     run_seconds: HistogramVec,
     pickup_seconds: HistogramVec,
     claim_batches: Histogram,
+    outcome_batches: Histogram,
     in_flight: IntGauge,
     actions: IntCounterVec,
     reconnects: IntCounter,
@@ -100,9 +101,14 @@ impl Metrics {
             .buckets(RUN_SECONDS.to_vec()),
             &["queue"],
         );
+        let batch_sizes = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
         let claim_batches = Histogram::with_opts(
             HistogramOpts::new("conveyor_worker_claim_batch_size", "Jobs claimed by one claim statement")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                .buckets(batch_sizes.clone()),
+        );
+        let outcome_batches = Histogram::with_opts(
+            HistogramOpts::new("conveyor_worker_outcome_batch_size", "Job outcomes written by one statement")
+                .buckets(batch_sizes),
         );
         let in_flight = IntGauge::new("conveyor_worker_jobs_in_flight", "Jobs running in this worker now");
         let actions = IntCounterVec::new(
@@ -143,6 +149,7 @@ impl Metrics {
             run_seconds: registered(&registry, run_seconds),
             pickup_seconds: registered(&registry, pickup_seconds),
             claim_batches: registered(&registry, claim_batches),
+            outcome_batches: registered(&registry, outcome_batches),
             in_flight: registered(&registry, in_flight),
             actions: registered(&registry, actions),
             reconnects: registered(&registry, reconnects),
@@ -164,6 +171,10 @@ impl Metrics {
 
     pub fn claimed_together(&self, jobs: usize) {
         self.claim_batches.observe(jobs as f64);
+    }
+
+    pub fn wrote_outcomes_together(&self, outcomes: usize) {
+        self.outcome_batches.observe(outcomes as f64);
     }
 
     pub fn set_in_flight(&self, jobs: usize) {

@@ -127,6 +127,8 @@ async fn metrics_count_exactly_the_jobs_that_ran(_: sqlx::postgres::PgPoolOption
     let pickups: f64 = samples(&text, "conveyor_worker_job_pickup_seconds_count").values().sum();
     assert_eq!(pickups, 8.0, "a pickup latency for each claim");
     assert_eq!(samples(&text, "conveyor_worker_claim_batch_size_sum").get(""), Some(&8.0), "each claim in some batch");
+    // 8 outcomes: 3 succeeded, 2 retrying, 2 failed, 1 cancelled.
+    assert_eq!(samples(&text, "conveyor_worker_outcome_batch_size_sum").get(""), Some(&8.0), "each outcome in a batch");
     let depth = samples(&text, "conveyor_queue_messages_ready");
     assert!(depth.contains_key("queue=\"default\""), "the leader exports the depth: {text}");
     assert_eq!(samples(&text, "conveyor_workers_alive").get(""), Some(&1.0), "{text}");
