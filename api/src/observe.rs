@@ -112,7 +112,8 @@ pub async fn observe(
     }
     let latency_ms = elapsed.as_secs_f64() * 1e3;
     let trace_id = span.trace_id();
-    let tenant = tenant.as_deref().unwrap_or("");
+    // `None` is left out of the line (an unauthenticated request has no tenant).
+    let tenant = tenant.as_deref();
     if is_probe(request.path()) {
         tracing::debug!(target: "conveyor::http", method, route, status, latency_ms, request_id = %id, trace_id, "request");
     } else {
