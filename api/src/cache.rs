@@ -3,9 +3,9 @@
 //!
 //! An ended job (succeeded, failed, cancelled) is immutable to clients, with
 //! two exceptions, both operator actions: a requeue and a prune.
-//! Postgres announces either on [`ENDED_CHANGED_CHANNEL`] from a trigger, so
+//! Postgres announces either on `conveyor_ended_changed` from a trigger, so
 //! every path is covered (another replica, the CLI, psql), and the cache
-//! empties itself when it hears it. It serves only while it is listening: when
+//! empties itself when [`crate::changes`]' listener hears it. It serves only while it is listening: when
 //! the `LISTEN` connection is lost, notifications sent meanwhile are lost too,
 //! so the cache empties and stays off until it listens again.
 //!
@@ -19,12 +19,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
 use sha2::{Digest, Sha256};
-use shared::db::{ENDED_CHANGED_CHANNEL, notify};
 use shared::job::Job;
-use sqlx::PgPool;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// A job as the API sends it: the JSON body and its strong `ETag`.
@@ -159,7 +154,8 @@ impl EndedJobs {
         Self::empty(&mut inner);
     }
 
-    fn set_listening(&self, listening: bool) {
+    /// Whether the listener hears changes; the cache serves only while it does.
+    pub fn set_listening(&self, listening: bool) {
         let mut inner = self.lock();
         inner.listening = listening;
         Self::empty(&mut inner);
@@ -170,47 +166,6 @@ impl EndedJobs {
         inner.entries.clear();
         inner.order.clear();
         inner.bytes = 0;
-    }
-
-    /// Listens for changes to ended jobs until `stop`, reconnecting after
-    /// `backoff` when the connection is lost. A disabled cache (zero ttl or
-    /// size) does not listen at all.
-    pub fn spawn_listener(
-        self: &Arc<Self>,
-        tasks: &TaskTracker,
-        pool: PgPool,
-        backoff: Duration,
-        stop: CancellationToken,
-    ) -> JoinHandle<()> {
-        let cache = Arc::clone(self);
-        tasks.spawn(async move {
-            if cache.ttl.is_zero() || cache.max_bytes == 0 {
-                return stop.cancelled().await;
-            }
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    listened = cache.listen(&pool) => if let Err(e) = listened {
-                        tracing::debug!(error = %e, "ended-job listener lost; cache off until it is back");
-                    },
-                }
-                cache.set_listening(false);
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-            }
-        })
-    }
-
-    async fn listen(&self, pool: &PgPool) -> shared::db::Result<()> {
-        let mut listener = notify::listen(pool, ENDED_CHANGED_CHANNEL).await?;
-        self.set_listening(true);
-        // `None`: the connection was lost, and with it what was notified meanwhile.
-        while listener.recv().await?.is_some() {
-            self.clear();
-        }
-        Ok(())
     }
 }
 

@@ -57,7 +57,7 @@ pub fn respond(req: &HttpRequest, rendered: &Rendered, freshness: Freshness) -> 
 
 /// Whether the request's `If-None-Match` names `etag` (weak comparison, as
 /// RFC 9110 asks for this header) or is `*`.
-fn matches_etag(req: &HttpRequest, etag: &str) -> bool {
+pub fn matches_etag(req: &HttpRequest, etag: &str) -> bool {
     let Some(value) = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) else {
         return false;
     };

@@ -15,6 +15,7 @@
 //! - [`rate_limit`]: per-address and per-tenant rate limits (local or Redis buckets).
 //! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
 //! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
+//! - [`changes`]: the process's one `LISTEN`: job changes for long-polls, ended-job changes for the cache.
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
 //! - [`body`]: JSON request bodies with precise errors.
 //! - [`error`]: [`error::ApiError`] and problem+json.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod caching;
+pub mod changes;
 pub mod cli;
 pub mod commands;
 pub mod error;

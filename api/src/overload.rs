@@ -1,6 +1,7 @@
 //! Overload shedding: each API process works on at most `http.max_in_flight`
 //! requests at once; the excess is answered at once with `503` and
-//! `Retry-After`, before authentication or any database work.
+//! `Retry-After`, before authentication or any database work. A long-poll
+//! gives up its place while it waits (it holds nothing then).
 //!
 //! Without the bound every request is accepted and waits inside the process
 //! (for a pooled connection, a batch slot, a confirm), so under a flood
@@ -76,9 +77,25 @@ pub async fn shed(
         },
         _ => None,
     };
+    let place = Leave(std::rc::Rc::new(std::cell::Cell::new(place)));
+    actix_web::HttpMessage::extensions_mut(&req).insert(place.clone());
     let response = next.call(req).await;
-    drop(place);
+    drop(place.0.take());
     response.map(ServiceResponse::map_into_left_body)
+}
+
+/// A request's place, which its handler may give up early (see [`leave`]).
+#[derive(Clone)]
+struct Leave(std::rc::Rc<std::cell::Cell<Option<Place>>>);
+
+/// Gives up the request's in-flight place: for a long-poll, which holds
+/// nothing (no connection, no batch slot) while it waits, so that parked
+/// clients do not crowd out working ones.
+pub fn leave(req: &actix_web::HttpRequest) {
+    use actix_web::HttpMessage as _;
+    if let Some(place) = req.extensions().get::<Leave>() {
+        drop(place.0.take());
+    }
 }
 
 /// Bodies up to this size are read and dropped before a refusal.

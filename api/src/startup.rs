@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::cache::EndedJobs;
+use crate::changes::{self, Changes};
 use crate::metrics::ApiMetrics;
 use crate::observe;
 use crate::overload::{self, InFlight};
@@ -47,6 +48,24 @@ pub struct Application {
     stop: CancellationToken,
     /// The one background task that runs for as long as the server does.
     listener: JoinHandle<()>,
+    /// Cancelled as the server starts to stop: long-polls answer at once,
+    /// so that the drain does not wait for them.
+    draining: CancellationToken,
+}
+
+/// Stops an [`Application`] gracefully: long-polls answer at once, requests
+/// in progress finish, then the server stops.
+#[derive(Clone)]
+pub struct StopHandle {
+    server: ServerHandle,
+    draining: CancellationToken,
+}
+
+impl StopHandle {
+    pub async fn stop(&self) {
+        self.draining.cancel();
+        self.server.stop(true).await;
+    }
 }
 
 impl Application {
@@ -76,10 +95,19 @@ impl Application {
         };
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
+        let draining = CancellationToken::new();
         let http = &settings.http;
         let ended =
             Arc::new(EndedJobs::new(Duration::from_secs(u64::from(http.ended_cache_seconds)), http.ended_cache_bytes));
-        let ended_listener = ended.spawn_listener(&tasks, pool.clone(), Duration::from_millis(500), stop.clone());
+        let changes = Arc::new(Changes::default());
+        let notified = changes::spawn_listener(
+            &tasks,
+            pool.clone(),
+            changes.clone(),
+            ended.clone(),
+            Duration::from_millis(500),
+            stop.clone(),
+        );
         let settings = Arc::new(settings);
         let outbox = Outbox::new(publisher.clone(), pool.clone(), &tasks);
         let admission = Arc::new(Admission::new(&settings));
@@ -87,8 +115,17 @@ impl Application {
         let metrics = Arc::new(ApiMetrics::new());
         let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, metrics.clone(), &tasks);
         let spans = shared::spans::start(&settings.telemetry.otlp_endpoint, "conveyor-api", &tasks, stop.clone());
-        let state =
-            web::Data::new(AppState { settings, pool, publisher, jobs, readiness: Default::default(), metrics, spans });
+        let state = web::Data::new(AppState {
+            settings,
+            pool,
+            publisher,
+            jobs,
+            readiness: Default::default(),
+            metrics,
+            spans,
+            changes,
+            draining: draining.clone(),
+        });
         let in_flight = web::Data::new(InFlight::new(state.settings.max_in_flight()));
         let limits = Limits::new(
             &state.settings.rate_limit,
@@ -113,33 +150,44 @@ impl Application {
                 .configure(routes::configure)
         })
         .workers(workers)
+        // Signals are ours (run_until_stopped): long-polls must end before the drain.
+        .disable_signals()
         .listen(listener)?
         .run();
         tracing::info!(%address, port, "API listening");
-        Ok(Self { port, server, tasks, stop, listener: ended_listener })
+        Ok(Self { port, server, tasks, stop, listener: notified, draining })
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// A handle to stop the server gracefully (tests; signals are handled by actix itself).
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    /// A handle to stop the server gracefully, as SIGTERM does.
+    pub fn handle(&self) -> StopHandle {
+        StopHandle { server: self.server.handle(), draining: self.draining.clone() }
     }
 
-    /// Serves until SIGINT/SIGTERM (or [`ServerHandle::stop`]), then drains
-    /// in-flight requests and flushes the background tasks. Says which task
-    /// ended and why: the server on a signal (`Ok`), or a background task that
-    /// stopped on its own (`Err`, after stopping the server).
+    /// Serves until SIGINT/SIGTERM (or [`StopHandle::stop`]), then answers
+    /// long-polls, drains in-flight requests and flushes the background
+    /// tasks. Says which task ended and why: the server on a signal (`Ok`), or
+    /// a background task that stopped on its own (`Err`, after stopping the
+    /// server).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let stopper = self.handle();
         let Self { server, tasks, stop, mut listener, .. } = self;
-        let handle = server.handle();
+        let signalled = CancellationToken::new();
+        tokio::spawn(shared::signal::cancel_on_signal(signalled.clone()));
+        let mut server = std::pin::pin!(server);
         let ended = tokio::select! {
-            served = server => served.context("the HTTP server failed"),
+            served = &mut server => served.context("the HTTP server failed"),
+            // The server future carries out the stop: it is polled meanwhile.
+            () = signalled.cancelled() => {
+                let ((), served) = tokio::join!(stopper.stop(), &mut server);
+                served.context("the HTTP server failed")
+            }
             listened = &mut listener => {
-                handle.stop(true).await;
-                Err(anyhow::anyhow!("the ended-job listener stopped on its own: {listened:?}"))
+                let _ = tokio::join!(stopper.stop(), &mut server);
+                Err(anyhow::anyhow!("the job change listener stopped on its own: {listened:?}"))
             }
         };
         tracing::info!("HTTP server stopped; writing what the background tasks hold");

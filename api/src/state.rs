@@ -8,7 +8,9 @@ use shared::config::Settings;
 use shared::queue::Publisher;
 use shared::spans::Spans;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
+use crate::changes::Changes;
 use crate::metrics::ApiMetrics;
 use crate::routes::health::Readiness;
 use crate::service::JobService;
@@ -24,4 +26,8 @@ pub struct AppState {
     pub metrics: Arc<ApiMetrics>,
     /// Where each request's span goes (nowhere unless `telemetry.otlp_endpoint`).
     pub spans: Spans,
+    /// Which jobs changed, for long-polls.
+    pub changes: Arc<Changes>,
+    /// Cancelled when the server starts to stop: long-polls answer at once.
+    pub draining: CancellationToken,
 }

@@ -2,6 +2,8 @@
 //! reads the request, asks the [job service](crate::service), and writes the
 //! answer; what happens to a job is the service's business.
 
+use std::time::Duration;
+
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -10,10 +12,11 @@ use uuid::Uuid;
 
 use crate::auth::{Admin, Authorized, JobsRead, JobsWrite};
 use crate::body::read_json;
-use crate::caching::respond;
+use crate::caching::{Freshness, matches_etag, respond};
+use crate::changes::SHORT_WAIT;
 use crate::error::{ApiError, FieldProblem};
 use crate::observe::{RequestId, Span};
-use crate::service::Origin;
+use crate::service::{Origin, Read};
 use crate::state::AppState;
 use crate::submission::{BatchRequest, SubmitRequest};
 
@@ -95,21 +98,77 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// `GET /v1/jobs/{id}`, with an `ETag` (`If-None-Match` → 304) and caching
+/// Longest `?wait=` accepted, in seconds.
+pub const MAX_WAIT_SECONDS: u64 = 30;
+
+/// `GET /v1/jobs/{id}`, with an `ETag` (`If-None-Match` → `304`) and caching
 /// headers: an ended job may be cached, a live one is polled.
+///
+/// With `?wait=N` (1 to 30 seconds) it is a long-poll: it answers as soon as
+/// the job differs from the `If-None-Match` the client sent (without one:
+/// as soon as the job has ended), and at the latest after N seconds, with
+/// `304` when the client's `ETag` still holds (without one: the job as it
+/// is). Waiting costs no query: the process hears from Postgres which jobs
+/// changed (see [`crate::changes`]), and the job is read again only then.
 pub async fn get(
     caller: Authorized<JobsRead>,
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let read = state.jobs.read(&caller.tenant, parse_id(&id)?).await?;
-    let mut response = respond(&req, &read.rendered, read.freshness);
+    let id = parse_id(&id)?;
+    let Some(wait) = wait_of(&req)? else {
+        let read = state.jobs.read(&caller.tenant, id).await?;
+        return Ok(answer(&req, &read));
+    };
+    crate::overload::leave(&req);
+    let deadline = tokio::time::Instant::now() + wait;
+    let revalidating = req.headers().contains_key(header::IF_NONE_MATCH);
+    loop {
+        // Registered before the read: a change between the read and the wait still wakes it.
+        let watch = state.changes.watch(id);
+        let mut woken = std::pin::pin!(watch.notify().notified());
+        woken.as_mut().enable();
+        let read = state.jobs.read(&caller.tenant, id).await?;
+        let ended = matches!(read.freshness, Freshness::Ended { .. });
+        let changed = revalidating && !matches_etag(&req, &read.rendered.etag);
+        let now = tokio::time::Instant::now();
+        if ended || changed || now >= deadline || state.draining.is_cancelled() {
+            return Ok(answer(&req, &read));
+        }
+        let until = if state.changes.listening() { deadline } else { deadline.min(now + SHORT_WAIT) };
+        tokio::select! {
+            () = woken => {}
+            () = tokio::time::sleep_until(until) => {}
+            () = state.draining.cancelled() => {}
+        }
+    }
+}
+
+fn answer(req: &HttpRequest, read: &Read) -> HttpResponse {
+    let mut response = respond(req, &read.rendered, read.freshness);
     if let Some(age) = read.age {
         // Served from memory: say how old it is, as any cache would (RFC 9111).
         response.headers_mut().insert(header::AGE, header::HeaderValue::from(age));
     }
-    Ok(response)
+    response
+}
+
+/// The request's `?wait=`: `None` without one (or `0`), else 1 to 30 seconds.
+fn wait_of(req: &HttpRequest) -> Result<Option<Duration>, ApiError> {
+    #[derive(Deserialize)]
+    struct Wait {
+        wait: Option<String>,
+    }
+    let query = web::Query::<Wait>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    match query.wait.as_deref().map(str::parse::<u64>) {
+        None | Some(Ok(0)) => Ok(None),
+        Some(Ok(seconds)) if seconds <= MAX_WAIT_SECONDS => Ok(Some(Duration::from_secs(seconds))),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "invalid query parameters: wait: must be a whole number of seconds from 0 to {MAX_WAIT_SECONDS}"
+        ))),
+    }
 }
 
 /// `POST /v1/jobs/{id}/cancel`: scheduled, queued and retrying jobs are

@@ -132,7 +132,7 @@ async fn a_revoked_key_is_refused_within_the_cache_ttl(_: PgPoolOptionsUnused, c
         .await;
         assert!(refused_now, "{url} still accepted the key {:?} after revocation", revoked_at.elapsed());
     }
-    replica_handle.stop(true).await;
+    replica_handle.stop().await;
     app.stop().await;
 }
 

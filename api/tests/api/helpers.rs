@@ -4,9 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
 use api::auth::{Scope, Scopes};
-use api::startup::Application;
+use api::startup::{Application, StopHandle};
 use serde_json::Value;
 use shared::config::Settings;
 use shared::job::{Job, JobStatus};
@@ -31,7 +30,7 @@ pub struct TestApp {
     pub pool: PgPool,
     pub settings: Settings,
     pub amqp: AmqpNamespace,
-    server: ServerHandle,
+    server: StopHandle,
     workers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
 }
 
@@ -190,7 +189,7 @@ impl TestApp {
     /// `#[sqlx::test]` can drop the database.
     pub async fn stop(mut self) {
         self.stop_workers().await;
-        self.server.stop(true).await;
+        self.server.stop().await;
         self.pool.close().await;
     }
 
@@ -280,7 +279,7 @@ pub struct Endpoint {
     location: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     body: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
-    server: ServerHandle,
+    server: actix_web::dev::ServerHandle,
 }
 
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@ mod helpers;
 mod idempotency;
 mod kinds;
 mod list;
+mod long_poll;
 mod observability;
 mod overload;
 mod pipeline;
