@@ -5,7 +5,7 @@
 //! templates (never raw paths), methods, status codes, queue and job type
 //! names, rejection reasons.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use shared::metrics::registered;
 use sqlx::PgPool;
 
@@ -45,6 +45,16 @@ pub struct ApiMetrics {
     rejected: IntCounterVec,
     pool: IntGaugeVec,
     ended_cache: IntCounterVec,
+    long_polls: IntGauge,
+}
+
+/// One long-poll counted in `conveyor_api_long_polls_waiting` until dropped.
+pub struct Waiting(IntGauge);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Request latencies from half a millisecond to a long-poll's 30 seconds.
@@ -88,7 +98,12 @@ impl ApiMetrics {
             ),
             &["result"],
         );
+        let long_polls = IntGauge::new(
+            "conveyor_api_long_polls_waiting",
+            "Long-polls (?wait=) waiting in this replica now; they hold a connection, no query",
+        );
         let metrics = Self {
+            long_polls: registered(&registry, long_polls),
             requests: registered(&registry, requests),
             latency: registered(&registry, latency),
             submitted: registered(&registry, submitted),
@@ -123,6 +138,12 @@ impl ApiMetrics {
 
     pub fn submitted(&self, queue: &str, kind: &str) {
         self.submitted.with_label_values(&[queue, kind]).inc();
+    }
+
+    /// Counts a long-poll as waiting until the guard is dropped.
+    pub fn waiting(&self) -> Waiting {
+        self.long_polls.inc();
+        Waiting(self.long_polls.clone())
     }
 
     pub fn ended_cache(&self, hit: bool) {

@@ -122,6 +122,7 @@ pub async fn get(
         return Ok(answer(&req, &read));
     };
     crate::overload::leave(&req);
+    let _waiting = state.metrics.waiting();
     let deadline = tokio::time::Instant::now() + wait;
     let revalidating = req.headers().contains_key(header::IF_NONE_MATCH);
     loop {

@@ -149,3 +149,86 @@ async fn sigterm_answers_long_polls_and_the_process_exits(_: PgPoolOptionsUnused
     eprintln!("SIGTERM to exit: {} ms", signalled.elapsed().as_millis());
     app.stop().await;
 }
+
+/// A thousand clients waiting on one API process cost Postgres no query
+/// while they wait and the process a few MiB; one change answers them all.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_thousand_waiting_clients_cost_no_queries(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    const CLIENTS: usize = 1000;
+    let app = spawn_app(connect).await;
+    let job = app.submit_ok(&json!({"type": "noop", "queue": "critical"})).await;
+    let (server, address) = crate::helpers::spawn_api_process(&app.settings).await;
+    let pid = server.id().expect("running");
+    let rss_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
+        let line = status.lines().find(|line| line.starts_with("VmRSS:")).expect("VmRSS").to_owned();
+        line.split_whitespace().nth(1).and_then(|kib| kib.parse::<u64>().ok()).expect("kiB")
+    };
+    let waiting_now = || async {
+        let text =
+            reqwest::get(format!("http://{address}/metrics")).await.expect("scraped").text().await.expect("text");
+        shared::testing::scrape::samples(&text, "conveyor_api_long_polls_waiting").get("").copied().unwrap_or(0.0)
+    };
+    // Warm the process up first: its first requests allocate what every request reuses.
+    for _ in 0..50 {
+        let url = format!("http://{address}/v1/jobs/{}", job.id);
+        assert_eq!(app.client.get(url).send().await.expect("sent").status(), 200);
+    }
+    let rss_before = rss_kib();
+    // What the processes commit on their own (the statistics' reads, autovacuum).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = commits_in(&app, Duration::from_secs(3)).await;
+    let url = format!("http://{address}/v1/jobs/{}?wait=30", job.id);
+    // A hundred at a time: each holds an in-flight place until it starts
+    // waiting, and a thousand arriving at once would be partly shed (503).
+    let mut waiters = Vec::new();
+    for step in 1..=CLIENTS / 100 {
+        waiters.extend((0..100).map(|_| {
+            let request = app.client.get(&url).send();
+            tokio::spawn(async move { request.await.map(|response| response.status().as_u16()) })
+        }));
+        let waiting = crate::helpers::wait_until(Duration::from_secs(20), || async {
+            waiting_now().await == (step * 100) as f64
+        })
+        .await;
+        assert!(waiting, "{} of {} waiting", waiting_now().await, step * 100);
+    }
+    let rss_waiting = rss_kib();
+
+    // Statistics reach pg_stat_database within a second of the transaction.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = commits_in(&app, Duration::from_secs(3)).await;
+    eprintln!(
+        "{CLIENTS} long-polls: {during} transactions in 3 s (idle: {idle}); API RSS {} → {} MiB",
+        rss_before / 1024,
+        rss_waiting / 1024
+    );
+    // Polling once a second, they would have made 3,000.
+    assert!(during <= idle + 3, "{during} transactions while {CLIENTS} clients waited, {idle} idle");
+    assert!(rss_waiting.saturating_sub(rss_before) < 64 * 1024, "{rss_before} → {rss_waiting} kiB");
+
+    let cancelled = Instant::now();
+    let response = app.client.post(app.url(&format!("/v1/jobs/{}/cancel", job.id))).send().await.expect("sent");
+    assert_eq!(response.status(), 200);
+    for waiter in waiters {
+        assert_eq!(waiter.await.expect("joined").expect("answered"), 200);
+    }
+    eprintln!("{CLIENTS} long-polls answered {} ms after the cancel", cancelled.elapsed().as_millis());
+    assert!(cancelled.elapsed() < Duration::from_secs(10));
+    assert_eq!(waiting_now().await, 0.0);
+    drop(server);
+    app.stop().await;
+}
+
+/// Transactions committed in the test's database during `span`.
+async fn commits_in(app: &TestApp, span: Duration) -> i64 {
+    let commits = || async {
+        sqlx::query_scalar::<_, i64>("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&app.pool)
+            .await
+            .expect("stats")
+    };
+    let before = commits().await;
+    tokio::time::sleep(span).await;
+    commits().await - before
+}
