@@ -118,7 +118,8 @@ pub fn start(
     if !endpoint.is_empty() {
         tracing::error!(
             %endpoint,
-            "telemetry.otlp_endpoint is set but this build exports no spans: build with `--features otlp`"
+            "telemetry.otlp_endpoint is set but this build exports no spans: rebuild with \
+             `cargo build --release --features api/otlp,worker/otlp`, or unset the endpoint"
         );
     }
     Spans::off()
