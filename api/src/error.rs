@@ -50,6 +50,10 @@ pub enum ApiError {
     /// 409: the job is not in a state that allows this.
     #[error("{0}")]
     Conflict(String),
+    /// 410: what the request resumes from is no longer held (an event
+    /// stream's `Last-Event-ID` past its replay window).
+    #[error("{0}")]
+    Gone(String),
     /// 413: the body is larger than `http.body_limit_bytes`.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -109,6 +113,7 @@ impl ApiError {
             Self::NotFound(_)
             | Self::MethodNotAllowed
             | Self::Conflict(_)
+            | Self::Gone(_)
             | Self::Unavailable(_)
             | Self::Internal(_) => None,
         }
@@ -121,6 +126,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
             Self::Conflict(_) => "conflict",
+            Self::Gone(_) => "gone",
             Self::MethodNotAllowed => "method-not-allowed",
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
@@ -151,6 +157,7 @@ impl ResponseError for ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Gone(_) => StatusCode::GONE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -15,7 +15,8 @@
 //! - [`rate_limit`]: per-address and per-tenant rate limits (local or Redis buckets).
 //! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
 //! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
-//! - [`changes`]: the process's one `LISTEN`: job changes for long-polls, ended-job changes for the cache.
+//! - [`changes`]: the process's one `LISTEN`: job changes for long-polls and event streams, ended-job changes for the cache.
+//! - [`events`]: server-sent events of job changes (`/v1/jobs/{id}/events`, `/v1/events`).
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
 //! - [`body`]: JSON request bodies with precise errors.
 //! - [`error`]: [`error::ApiError`] and problem+json.
@@ -33,6 +34,7 @@ pub mod changes;
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod observe;
 pub mod overload;

@@ -46,9 +46,10 @@ pub struct ApiMetrics {
     pool: IntGaugeVec,
     ended_cache: IntCounterVec,
     long_polls: IntGauge,
+    event_streams: IntGauge,
 }
 
-/// One long-poll counted in `conveyor_api_long_polls_waiting` until dropped.
+/// One long-poll or event stream, counted in its gauge until dropped.
 pub struct Waiting(IntGauge);
 
 impl Drop for Waiting {
@@ -102,8 +103,13 @@ impl ApiMetrics {
             "conveyor_api_long_polls_waiting",
             "Long-polls (?wait=) waiting in this replica now; they hold a connection, no query",
         );
+        let event_streams = IntGauge::new(
+            "conveyor_api_event_streams_open",
+            "Server-sent event streams open in this replica now; they hold a connection, no query",
+        );
         let metrics = Self {
             long_polls: registered(&registry, long_polls),
+            event_streams: registered(&registry, event_streams),
             requests: registered(&registry, requests),
             latency: registered(&registry, latency),
             submitted: registered(&registry, submitted),
@@ -144,6 +150,12 @@ impl ApiMetrics {
     pub fn waiting(&self) -> Waiting {
         self.long_polls.inc();
         Waiting(self.long_polls.clone())
+    }
+
+    /// Counts an event stream as open until the guard is dropped.
+    pub fn streaming(&self) -> Waiting {
+        self.event_streams.inc();
+        Waiting(self.event_streams.clone())
     }
 
     pub fn ended_cache(&self, hit: bool) {

@@ -99,7 +99,7 @@ impl Application {
         let http = &settings.http;
         let ended =
             Arc::new(EndedJobs::new(Duration::from_secs(u64::from(http.ended_cache_seconds)), http.ended_cache_bytes));
-        let changes = Arc::new(Changes::default());
+        let changes = Arc::new(Changes::new(&settings.events));
         let notified = changes::spawn_listener(
             &tasks,
             pool.clone(),

@@ -49,6 +49,22 @@ pub struct Settings {
     pub tenants: TenantSettings,
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
+    pub events: EventsSettings,
+}
+
+/// Server-sent events (`GET /v1/jobs/{id}/events`, `GET /v1/events`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// How long an API process keeps the changes it heard, so that a client
+    /// reconnecting with `Last-Event-ID` misses none.
+    pub replay_seconds: u64,
+    /// The most changes kept for that, whatever their age: bounds memory
+    /// (about 100 bytes each) when jobs change fast.
+    pub replay_changes: usize,
+    /// A quiet stream sends a heartbeat this often, so that proxies and load
+    /// balancers do not close it as idle.
+    pub heartbeat_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -387,6 +403,8 @@ impl Settings {
             check(is_name(name), || format!("queues.{name}: a queue name must be 1-64 of [a-zA-Z0-9_-]"))?;
             check(queue.weight >= 1, || format!("queues.{name}.weight must be at least 1"))?;
         }
+        check(self.events.heartbeat_seconds >= 1, || "events.heartbeat_seconds must be at least 1".into())?;
+        check(self.events.replay_changes >= 1, || "events.replay_changes must be at least 1".into())?;
         self.check_worker_queues(&self.worker.queues)?;
         let worker = &self.worker;
         check(worker.concurrency >= 1, || "worker.concurrency must be at least 1".into())?;

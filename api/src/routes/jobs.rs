@@ -194,7 +194,7 @@ pub async fn requeue(
     Ok(HttpResponse::Ok().json(&job))
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a job id (a UUID)")))
 }
 

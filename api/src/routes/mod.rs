@@ -35,6 +35,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(jobs::requeue))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        web::resource("/v1/jobs/{id}/events")
+            .route(web::get().to(crate::events::job))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/events")
+            .route(web::get().to(crate::events::tenant))
+            .default_service(web::to(method_not_allowed)),
+    )
     .service(web::resource("/v1/queues").route(web::get().to(admin::queues)))
     .service(web::resource("/v1/workers").route(web::get().to(admin::workers)))
     .service(web::resource("/healthz").route(web::get().to(health::healthz)))

@@ -11,6 +11,7 @@ mod cli;
 mod compose;
 mod destinations;
 mod errors;
+mod events;
 mod fairness;
 mod helpers;
 mod idempotency;
