@@ -17,7 +17,7 @@ use shared::db;
 use crate::metrics::Rejection;
 
 /// A problem with one field of the request, for 422's `errors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldProblem {
     /// Dotted path from the body's root (`payload.ms`) or the query parameter's name.
     pub field: String,

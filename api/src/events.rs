@@ -46,6 +46,19 @@ const RECONNECT_MS: u32 = 1000;
 
 /// `GET /v1/jobs/{id}/events`: the job as it is, then each change, until
 /// it ends (the last event is the ended job, as `GET` shows it).
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", operation_id = "jobEvents", tag = "events", security(("bearer" = ["jobs:read"])),
+    params(
+        ("id" = Uuid, Path, description = "The job's id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received: go on after it"),
+    ),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = String, description = "Server-sent events: \
+            first the job (as GET shows it), then a `ChangeEvent` per change, last the ended job (id `ended`); \
+            `: heartbeat` comments while quiet; `event: lagged` before closing a stream that fell behind"),
+        (status = 204, description = "The job has ended and the client saw its end (Last-Event-ID `ended`): no more events"),
+        (status = 400, description = "see the problem"),
+        (status = 404, description = "see the problem"),
+    ))]
 pub async fn job(
     caller: Authorized<JobsRead>,
     state: web::Data<AppState>,
@@ -102,6 +115,19 @@ struct EventsQuery {
 
 /// `GET /v1/events?queue=…&type=…`: each change of the caller's jobs, from
 /// now or from `Last-Event-ID`.
+#[utoipa::path(get, path = "/v1/events", operation_id = "events", tag = "events", security(("bearer" = ["jobs:read"])),
+    params(
+        ("queue" = Option<String>, Query, description = "Only jobs of this queue"),
+        ("type" = Option<String>, Query, description = "Only jobs of this type"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received: go on after it"),
+    ),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = String, description = "Server-sent events: \
+            a `ChangeEvent` per change of the caller's jobs; `: heartbeat` comments while quiet; \
+            `event: lagged` before closing a stream that fell behind"),
+        (status = 400, description = "see the problem"),
+        (status = 410, description = "see the problem"),
+    ))]
 pub async fn tenant(
     caller: Authorized<JobsRead>,
     state: web::Data<AppState>,
@@ -247,11 +273,12 @@ impl Shown {
 
 /// A change as an event shows it; an ended job's stream ends with the whole
 /// job instead (its result or error).
-#[derive(Serialize)]
-struct ChangeEvent<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChangeEvent<'a> {
     id: Uuid,
     status: JobStatus,
     progress: Option<i16>,
+    /// Whether a client asked to cancel the job while it ran.
     cancel_requested: bool,
     queue: &'a str,
     #[serde(rename = "type")]

@@ -19,6 +19,7 @@
 //! - [`events`]: server-sent events of job changes (`/v1/jobs/{id}/events`, `/v1/events`).
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
 //! - [`body`]: JSON request bodies with precise errors.
+//! - [`openapi`]: the OpenAPI description (`/openapi.json`) and its page (`/docs`).
 //! - [`error`]: [`error::ApiError`] and problem+json.
 //!
 //! One submission travels `routes::jobs::submit` → `body::read_json` →
@@ -37,6 +38,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod observe;
+pub mod openapi;
 pub mod overload;
 pub mod rate_limit;
 pub mod routes;

@@ -44,7 +44,7 @@ pub struct Submitted<T> {
 }
 
 /// One page of a list.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<ListedJob>,
     /// Pass as `cursor` to get the next page; `null` on the last page.

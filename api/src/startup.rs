@@ -31,6 +31,7 @@ use crate::cache::EndedJobs;
 use crate::changes::{self, Changes};
 use crate::metrics::ApiMetrics;
 use crate::observe;
+use crate::openapi::{Description, DocsConfig};
 use crate::overload::{self, InFlight};
 use crate::rate_limit::{self, Limits};
 use crate::routes;
@@ -135,9 +136,13 @@ impl Application {
         .await;
         limits.spawn_housekeeping(&tasks, stop.clone());
         let limits = web::Data::new(limits);
+        let description = web::Data::new(Description::new(&state.settings));
+        let docs = web::Data::new(DocsConfig::default());
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(description.clone())
+                .app_data(docs.clone())
                 .app_data(auth.clone())
                 .app_data(in_flight.clone())
                 .app_data(limits.clone())

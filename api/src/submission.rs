@@ -8,6 +8,7 @@ use serde::Deserialize;
 use shared::config::Settings;
 use shared::job::{MAX_PRIORITY, NewJob, RawJson};
 use shared::kinds;
+use shared::number::optional_whole;
 use uuid::Uuid;
 
 use crate::error::{ApiError, FieldProblem};
@@ -22,10 +23,14 @@ pub struct SubmitRequest {
     /// then read into the job type's own payload type; never a JSON tree.
     pub payload: Option<RawJson>,
     pub queue: Option<String>,
+    #[serde(default, deserialize_with = "optional_whole")]
     pub priority: Option<i64>,
+    #[serde(default, deserialize_with = "optional_whole")]
     pub max_attempts: Option<i64>,
+    #[serde(default, deserialize_with = "optional_whole")]
     pub timeout_seconds: Option<i64>,
     pub run_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "optional_whole")]
     pub delay_seconds: Option<u64>,
 }
 
@@ -156,7 +161,7 @@ pub fn fingerprint<'a>(route: &str, requests: impl IntoIterator<Item = &'a Submi
 }
 
 /// Longest `delay_seconds` accepted: a year. Further out is a mistake, not a schedule.
-const MAX_DELAY_SECONDS: u64 = 366 * 24 * 3600;
+pub const MAX_DELAY_SECONDS: u64 = 366 * 24 * 3600;
 
 impl SubmitRequest {
     /// Checks every field against the job type and the configuration, reporting

@@ -25,7 +25,7 @@ use uuid::Uuid;
 /// running -> cancelled                                (cooperative: the handler is told)
 /// failed | cancelled -> queued                        (an operator's requeue)
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Waiting for its `run_at`; the reconciler queues it when that comes.
@@ -102,6 +102,15 @@ impl TryFrom<String> for JobStatus {
 #[serde(transparent)]
 pub struct RawJson(Box<RawValue>);
 
+/// Any JSON value: what a job type makes of it is the job type's business.
+impl utoipa::PartialSchema for RawJson {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::Object::new().into()
+    }
+}
+
+impl utoipa::ToSchema for RawJson {}
+
 impl RawJson {
     /// `text` if it is one JSON value.
     pub fn from_text(text: String) -> serde_json::Result<Self> {
@@ -167,7 +176,7 @@ impl std::fmt::Display for RawJson {
 }
 
 /// Why an attempt failed, as stored in `jobs.error` and shown to clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobFailure {
     pub message: String,
     pub kind: FailureKind,
@@ -175,7 +184,7 @@ pub struct JobFailure {
 }
 
 /// The class of a failure: what an operator filters on and what decides a retry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// The handler failed in a way that may pass on another attempt.
@@ -203,13 +212,15 @@ impl FailureKind {
 }
 
 /// A job as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: Uuid,
     pub tenant: String,
     pub queue: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// As submitted.
+    #[schema(value_type = Object)]
     pub payload: RawJson,
     pub status: JobStatus,
     pub priority: i16,
@@ -217,10 +228,16 @@ pub struct Job {
     pub max_attempts: i32,
     pub timeout_seconds: i32,
     pub run_at: DateTime<Utc>,
+    /// 0 to 100, as the handler reports it.
+    #[schema(minimum = 0, maximum = 100)]
     pub progress: Option<i16>,
+    /// What the handler returned, once it succeeded.
+    #[schema(value_type = Option<Value>)]
     pub result: Option<RawJson>,
+    /// Why the last attempt failed.
     pub error: Option<JobFailure>,
     pub idempotency_key: Option<String>,
+    /// `X-Request-Id` of the submission.
     pub request_id: Option<String>,
     /// Times an operator requeued the job after it failed or was cancelled.
     pub requeue_count: i32,
@@ -234,13 +251,14 @@ pub struct Job {
 
 /// A job as a list shows it: its payload and result only when small enough to
 /// fit the page, else `null` and named in `omitted` (GET the job for them).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ListedJob {
     pub id: Uuid,
     pub tenant: String,
     pub queue: String,
     #[serde(rename = "type")]
     pub kind: String,
+    #[schema(value_type = Option<Object>)]
     pub payload: Option<RawJson>,
     pub status: JobStatus,
     pub priority: i16,
@@ -248,7 +266,9 @@ pub struct ListedJob {
     pub max_attempts: i32,
     pub timeout_seconds: i32,
     pub run_at: DateTime<Utc>,
+    #[schema(minimum = 0, maximum = 100)]
     pub progress: Option<i16>,
+    #[schema(value_type = Option<Value>)]
     pub result: Option<RawJson>,
     pub error: Option<JobFailure>,
     pub idempotency_key: Option<String>,

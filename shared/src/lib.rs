@@ -27,6 +27,7 @@ pub mod db;
 pub mod job;
 pub mod kinds;
 pub mod metrics;
+pub mod number;
 pub mod outbox;
 pub mod queue;
 pub mod redact;

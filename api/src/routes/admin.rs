@@ -11,7 +11,19 @@ use crate::auth::{Authorized, Operator};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-#[derive(Debug, Serialize)]
+/// The answer of `GET /v1/queues`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Queues {
+    queues: Vec<QueueView>,
+}
+
+/// The answer of `GET /v1/workers`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Workers {
+    workers: Vec<workers::WorkerRow>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct QueueView {
     name: String,
     /// Messages waiting in RabbitMQ (`null` when RabbitMQ is unreachable).
@@ -25,6 +37,8 @@ struct QueueView {
 }
 
 /// `GET /v1/queues`: per configured queue, its RabbitMQ depth and consumers and its jobs by status.
+#[utoipa::path(get, path = "/v1/queues", operation_id = "listQueues", tag = "operations", security(("bearer" = ["operator"])),
+    responses((status = 200, description = "Every configured queue", body = Queues)))]
 pub async fn queues(_: Authorized<Operator>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut counts = queues::job_counts(&state.pool).await?;
     let mut views = Vec::with_capacity(state.settings.queues.len());
@@ -42,12 +56,14 @@ pub async fn queues(_: Authorized<Operator>, state: web::Data<AppState>) -> Resu
             jobs: counts.remove(name).unwrap_or_default(),
         });
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "queues": views })))
+    Ok(HttpResponse::Ok().json(Queues { queues: views }))
 }
 
 /// `GET /v1/workers`: workers that heartbeat within the last three intervals.
+#[utoipa::path(get, path = "/v1/workers", operation_id = "listWorkers", tag = "operations", security(("bearer" = ["operator"])),
+    responses((status = 200, description = "Live workers", body = Workers)))]
 pub async fn workers(_: Authorized<Operator>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let within = i32::try_from(state.settings.worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX);
     let live = workers::live(&state.pool, within).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "workers": live })))
+    Ok(HttpResponse::Ok().json(Workers { workers: live }))
 }

@@ -13,13 +13,33 @@ use crate::state::AppState;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /metrics`: this replica's metrics, in Prometheus' text format.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations", security(()),
+    responses((status = 200, description = "This replica's metrics", content_type = "text/plain", body = String)))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type(shared::metrics::CONTENT_TYPE).body(state.metrics.render(&state.pool))
 }
 
 /// 200 while the process lives.
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations", security(()),
+    responses((status = 200, description = "The process lives", body = Object, example = json!({"status": "ok"}))))]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// What `/readyz` says (documentation only: the handler writes it as JSON).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ReadinessView {
+    /// `ready`, `degraded` (serving, with per-replica rate limits) or `unavailable`.
+    status: String,
+    /// `up` or `down`.
+    postgres: String,
+    /// `up` or `down`.
+    rabbitmq: String,
+    /// `local` or `redis`.
+    rate_limiter: Option<String>,
+    /// Why the replica is degraded.
+    degraded: Option<Vec<String>>,
 }
 
 /// How long a readiness answer is reused: probes may come often, from
@@ -51,6 +71,12 @@ impl Readiness {
 /// 200 when Postgres and RabbitMQ both answer, else 503 naming which does not;
 /// the answer is reused for a second. A rate limiter that lost Redis makes
 /// the replica `degraded`, still 200: it serves, with per-replica limits.
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Postgres and RabbitMQ answer", body = ReadinessView),
+        (status = 503, description = "Postgres or RabbitMQ does not answer", body = ReadinessView,
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ))]
 pub async fn readyz(state: web::Data<AppState>, limits: Option<web::Data<Arc<Limits>>>) -> HttpResponse {
     let (postgres, rabbitmq) = state.readiness.check(&state).await;
     let word = |up: bool| if up { "up" } else { "down" };

@@ -21,6 +21,20 @@ use crate::state::AppState;
 use crate::submission::{BatchRequest, SubmitRequest};
 
 /// `POST /v1/jobs`: commits the job, publishes it with a confirm, answers 202.
+#[utoipa::path(post, path = "/v1/jobs", operation_id = "submitJob", tag = "jobs", security(("bearer" = ["jobs:write"])),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]([ -~]*[!-~])?$",
+            description = "1 to 255 characters: the same key from the same tenant answers the first job again; with another body, 409")),
+    request_body(content = ref("#/components/schemas/SubmitRequest"), content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: committed and published", body = Job, headers(
+            ("Location" = String, description = "/v1/jobs/{id}"),
+            ("Idempotent-Replayed" = String, description = "`true` when the Idempotency-Key named an earlier submission"))),
+        (status = 400, description = "see the problem"),
+        (status = 409, description = "see the problem"),
+        (status = 413, description = "see the problem"),
+        (status = 415, description = "see the problem"),
+        (status = 422, description = "see the problem"),
+    ))]
 pub async fn submit(
     caller: Authorized<JobsWrite>,
     state: web::Data<AppState>,
@@ -40,6 +54,18 @@ pub async fn submit(
 
 /// `POST /v1/jobs/batch`: up to 1,000 submissions, all accepted or none:
 /// one insert, publishes pipelined; `202 {"jobs": […]}` in the order given.
+#[utoipa::path(post, path = "/v1/jobs/batch", operation_id = "submitBatch", tag = "jobs", security(("bearer" = ["jobs:write"])),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]([ -~]*[!-~])?$", description = "As for a single submission, for the whole batch")),
+    request_body(content = ref("#/components/schemas/BatchRequest"), content_type = "application/json"),
+    responses(
+        (status = 202, description = "All accepted, in the order given", body = Batch<'_>, headers(
+            ("Idempotent-Replayed" = String, description = "`true` when the Idempotency-Key named an earlier batch"))),
+        (status = 400, description = "see the problem"),
+        (status = 409, description = "see the problem"),
+        (status = 413, description = "see the problem"),
+        (status = 415, description = "see the problem"),
+        (status = 422, description = "see the problem"),
+    ))]
 pub async fn submit_batch(
     caller: Authorized<JobsWrite>,
     state: web::Data<AppState>,
@@ -60,8 +86,8 @@ pub async fn submit_batch(
 }
 
 /// The answer to a batch: its jobs, in the order submitted.
-#[derive(serde::Serialize)]
-struct Batch<'a> {
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Batch<'a> {
     jobs: &'a [Job],
 }
 
@@ -109,7 +135,23 @@ pub const MAX_WAIT_SECONDS: u64 = 30;
 /// as soon as the job has ended), and at the latest after N seconds, with
 /// `304` when the client's `ETag` still holds (without one: the job as it
 /// is). Waiting costs no query: the process hears from Postgres which jobs
-/// changed (see [`crate::changes`]), and the job is read again only then.
+/// changed, and the job is read again only then.
+#[utoipa::path(get, path = "/v1/jobs/{id}", operation_id = "getJob", tag = "jobs", security(("bearer" = ["jobs:read"])),
+    params(
+        ("id" = Uuid, Path, description = "The job's id"),
+        ("wait" = Option<u64>, Query, maximum = 30, description = "Long-poll up to this many seconds (0: answer at once)"),
+        ("If-None-Match" = Option<String>, Header, description = "The ETag you hold: 304 while the job is unchanged"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = Job, headers(
+            ("ETag" = String, description = "Strong validator of this representation"),
+            ("Cache-Control" = String, description = "`private, max-age=…` once ended, else `no-cache`"),
+            ("Retry-After" = u32, description = "While the job moves: seconds before polling again"),
+            ("Age" = u32, description = "Seconds since it was read from the database, when served from memory"))),
+        (status = 304, description = "Unchanged since the If-None-Match given", headers(("ETag" = String))),
+        (status = 400, description = "see the problem"),
+        (status = 404, description = "see the problem"),
+    ))]
 pub async fn get(
     caller: Authorized<JobsRead>,
     state: web::Data<AppState>,
@@ -174,6 +216,14 @@ fn wait_of(req: &HttpRequest) -> Result<Option<Duration>, ApiError> {
 
 /// `POST /v1/jobs/{id}/cancel`: scheduled, queued and retrying jobs are
 /// cancelled at once; a running one is asked to stop; an ended one is a 409.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", operation_id = "cancelJob", tag = "jobs", security(("bearer" = ["jobs:write"])),
+    params(("id" = Uuid, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Cancelled, or (running) asked to stop: `cancel_requested_at`", body = Job),
+        (status = 400, description = "see the problem"),
+        (status = 404, description = "see the problem"),
+        (status = 409, description = "see the problem"),
+    ))]
 pub async fn cancel(
     caller: Authorized<JobsWrite>,
     state: web::Data<AppState>,
@@ -185,6 +235,14 @@ pub async fn cancel(
 
 /// `POST /v1/jobs/{id}/requeue` (admin): a failed or cancelled job goes back
 /// to `queued` with its attempts restarted.
+#[utoipa::path(post, path = "/v1/jobs/{id}/requeue", operation_id = "requeueJob", tag = "jobs", security(("bearer" = ["admin"])),
+    params(("id" = Uuid, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Queued again", body = Job),
+        (status = 400, description = "see the problem"),
+        (status = 404, description = "see the problem"),
+        (status = 409, description = "see the problem"),
+    ))]
 pub async fn requeue(
     caller: Authorized<Admin>,
     state: web::Data<AppState>,
@@ -214,6 +272,18 @@ pub const DEFAULT_LIST_LIMIT: i64 = 50;
 pub const MAX_LIST_LIMIT: i64 = 500;
 
 /// `GET /v1/jobs`: the caller's jobs, newest first, keyset-paginated.
+#[utoipa::path(get, path = "/v1/jobs", operation_id = "listJobs", tag = "jobs", security(("bearer" = ["jobs:read"])),
+    params(
+        ("status" = Option<JobStatus>, Query),
+        ("type" = Option<String>, Query, pattern = "^[^\\x00]*$"),
+        ("queue" = Option<String>, Query, pattern = "^[^\\x00]*$"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Jobs per page (default 50)"),
+        ("cursor" = Option<Uuid>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs, newest first", body = crate::service::JobPage),
+        (status = 400, description = "see the problem"),
+    ))]
 pub async fn list(
     caller: Authorized<JobsRead>,
     state: web::Data<AppState>,

@@ -19,6 +19,7 @@ mod kinds;
 mod list;
 mod long_poll;
 mod observability;
+mod openapi;
 mod overload;
 mod pipeline;
 mod rate_limits;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::Result;
 
 /// A registered worker process.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     pub id: Uuid,
     pub host: String,

@@ -10,6 +10,15 @@ impl JobKind for Echo {
     type Payload = RawJson;
     type Output = RawJson;
 
+    fn payload_schema() -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "description": "Any JSON object; it is the job's result.",
+            "propertyNames": {"pattern": super::STORABLE_TEXT},
+            "additionalProperties": {"$ref": super::JSON_SCHEMA},
+        })
+    }
+
     async fn run(payload: Self::Payload, _: JobContext) -> Result<Self::Output, JobError> {
         Ok(payload)
     }

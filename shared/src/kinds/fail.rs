@@ -7,13 +7,17 @@ use super::{JobContext, JobError, JobKind};
 
 pub struct Fail;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailPayload {
     #[serde(default = "default_message")]
+    #[schema(pattern = "^[^\\x00]*$")]
     pub message: String,
     #[serde(default = "default_retryable")]
     pub retryable: bool,
+    /// Attempts that fail before one succeeds; every attempt fails when absent.
+    #[serde(default, deserialize_with = "crate::number::optional_whole")]
+    #[schema(format = Int64, maximum = 4_294_967_295_u64)]
     pub times: Option<u32>,
 }
 

@@ -14,11 +14,14 @@ const MAX_ITERATIONS: u32 = 10_000_000;
 /// How often the loop looks for cancellation: rare enough to cost nothing.
 const CHECK_EVERY: u32 = 4096;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HashPayload {
+    #[schema(pattern = "^[^\\x00]*$")]
     pub input: String,
-    #[serde(default = "one")]
+    /// SHA-256 applied this many times.
+    #[serde(default = "one", deserialize_with = "crate::number::whole")]
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub iterations: u32,
 }
 

@@ -36,6 +36,14 @@ pub static KINDS: &[Kind] = &[
     Kind::of::<http::Http>(),
 ];
 
+/// Where the API's description defines "any JSON value without U+0000 in its
+/// strings" (Postgres' jsonb cannot store U+0000, so no payload may hold it),
+/// for payload schemas to refer to.
+pub const JSON_SCHEMA: &str = "#/components/schemas/Json";
+
+/// The pattern of text that may be stored: anything but U+0000.
+pub const STORABLE_TEXT: &str = "^[^\\x00]*$";
+
 /// Looks a job type up by its `type` name.
 pub fn find(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|kind| kind.name == name)
@@ -46,7 +54,7 @@ pub trait JobKind: 'static {
     /// The `type` clients submit.
     const NAME: &'static str;
     /// The `payload`, checked by serde at submission (422 with the field path on mismatch).
-    type Payload: DeserializeOwned + Send + 'static;
+    type Payload: DeserializeOwned + utoipa::PartialSchema + Send + 'static;
     /// What the job returns; stored as the job's `result`.
     type Output: Serialize;
 
@@ -54,6 +62,12 @@ pub trait JobKind: 'static {
     /// anything is written, and again in the worker.
     fn validate(_payload: &Self::Payload) -> Result<(), FieldError> {
         Ok(())
+    }
+
+    /// The payload's JSON Schema, in the API's OpenAPI description: what the
+    /// payload type derives (`utoipa::ToSchema`), ranges included.
+    fn payload_schema() -> serde_json::Value {
+        serde_json::to_value(<Self::Payload as utoipa::PartialSchema>::schema()).unwrap_or_default()
     }
 
     /// Runs one attempt.
@@ -153,13 +167,15 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// A job type with its types erased, so that all of them fit in one table.
 pub struct Kind {
     pub name: &'static str,
+    /// The payload's JSON Schema.
+    pub payload_schema: fn() -> serde_json::Value,
     validate: fn(&RawJson) -> Result<(), FieldError>,
     run: fn(RawJson, JobContext) -> BoxFuture<Result<RawJson, JobError>>,
 }
 
 impl Kind {
     pub const fn of<K: JobKind>() -> Self {
-        Self { name: K::NAME, validate: validate_erased::<K>, run: run_erased::<K> }
+        Self { name: K::NAME, payload_schema: K::payload_schema, validate: validate_erased::<K>, run: run_erased::<K> }
     }
 
     /// Checks a submitted payload against the type.

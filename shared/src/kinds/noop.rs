@@ -6,7 +6,7 @@ use super::{JobContext, JobError, JobKind};
 
 pub struct Noop;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoopPayload {}
 

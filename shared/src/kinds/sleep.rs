@@ -13,9 +13,12 @@ pub struct Sleep;
 /// One day: longer sleeps are almost certainly a unit mistake.
 const MAX_MS: u64 = 86_400_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SleepPayload {
+    /// How long to sleep, in milliseconds (at most a day).
+    #[schema(maximum = 86_400_000)]
+    #[serde(deserialize_with = "crate::number::whole")]
     pub ms: u64,
 }
 

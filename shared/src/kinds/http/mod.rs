@@ -32,7 +32,7 @@ const MAX_TIMEOUT_MS: u64 = 300_000;
 /// The part of the answer's body kept in the job's result.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpPayload {
     pub url: String,
@@ -42,9 +42,10 @@ pub struct HttpPayload {
     pub headers: BTreeMap<String, String>,
     /// A string is sent as it is; anything else is sent as JSON.
     pub body: Option<Value>,
-    #[serde(default = "default_timeout_ms")]
+    #[serde(default = "default_timeout_ms", deserialize_with = "crate::number::whole")]
     pub timeout_ms: u64,
     /// The status that counts as success; any 2xx when absent.
+    #[serde(default, deserialize_with = "crate::number::optional_whole")]
     pub expect_status: Option<u16>,
 }
 
@@ -154,6 +155,47 @@ impl JobKind for Http {
     const NAME: &'static str = "http";
     type Payload = HttpPayload;
     type Output = HttpOutput;
+
+    /// Written out rather than derived: the rules of [`request`] (token
+    /// characters, reserved headers, visible ASCII values) as patterns.
+    fn payload_schema() -> Value {
+        // Reserved names in any case: `[Hh][Oo][Ss][Tt]`.
+        let reserved: Vec<String> = RESERVED_HEADERS
+            .iter()
+            .map(|name| {
+                name.chars()
+                    .map(|c| {
+                        if c.is_ascii_alphabetic() {
+                            format!("[{}{}]", c.to_ascii_uppercase(), c)
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let token = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+";
+        serde_json::json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "format": "http-url", "pattern": "^http://[^/?#\\x00][^\\x00]*$",
+                        "description": "An http:// URL (no https in this build)."},
+                "method": {"type": "string", "pattern": format!("^{token}$"), "default": "POST"},
+                "headers": {
+                    "type": "object",
+                    "description": "Request headers; Host and hop-by-hop headers are the platform's.",
+                    "propertyNames": {"pattern": format!("^(?!(?:{})$){token}$", reserved.join("|"))},
+                    "additionalProperties": {"type": "string", "pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"},
+                },
+                "body": {"$ref": super::JSON_SCHEMA, "description": "A string is sent as it is; anything else as JSON."},
+                "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS, "default": DEFAULT_TIMEOUT_MS},
+                "expect_status": {"type": ["integer", "null"], "minimum": 100, "maximum": 599,
+                                  "description": "The status that counts as success; any 2xx when absent."},
+            },
+        })
+    }
 
     fn validate(payload: &HttpPayload) -> Result<(), FieldError> {
         if !(1..=MAX_TIMEOUT_MS).contains(&payload.timeout_ms) {
