@@ -45,8 +45,12 @@ enum Mode {
     Drain(Drained),
     /// Submit with workers running: jobs/s until every job is done.
     E2e(Drained),
-    /// Open loop at a fixed rate: submit → done, as a client polling every 2 ms sees it.
+    /// Open loop at a fixed rate: submit → done, as a client polling every
+    /// 2 ms sees it (or, with `--wait`, a client long-polling with `?wait=`).
     Latency(Latency),
+    /// Many clients waiting on a job that does not change, with long-polls
+    /// (`?wait=`) or event streams: the API's memory and CPU while they wait.
+    Idle(Idle),
     /// GET of a finished job against GET /healthz, on the same server in the same run.
     Poll(Poll),
     /// A flood: many clients, each submitting as fast as it is answered;
@@ -148,8 +152,24 @@ struct Latency {
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Follow each job with `?wait=` long-polls instead of polling every 2 ms.
+    #[arg(long)]
+    wait: bool,
     #[command(flatten)]
     workers: Workers,
+}
+
+#[derive(Debug, Args)]
+struct Idle {
+    /// Clients, each with its own connection.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// Event streams (`GET /v1/jobs/{id}/events`) instead of long-polls.
+    #[arg(long)]
+    events: bool,
+    /// Seconds measured once every client waits.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +194,7 @@ fn main() -> anyhow::Result<()> {
 struct Api {
     base: String,
     client: reqwest::Client,
+    headers: reqwest::header::HeaderMap,
 }
 
 impl Api {
@@ -186,11 +207,11 @@ impl Api {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
         let client = reqwest::Client::builder()
-            .default_headers(headers)
+            .default_headers(headers.clone())
             .pool_max_idle_per_host(connections)
             .timeout(Duration::from_secs(30))
             .build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), client })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), client, headers })
     }
 
     /// Submits a noop job; returns the status code and, on 202, the job id.
@@ -240,6 +261,17 @@ impl Api {
             }
             Err(_) => 0,
         }
+    }
+
+    /// The headers every request carries (the token).
+    fn client_headers(&self) -> reqwest::header::HeaderMap {
+        self.headers.clone()
+    }
+
+    /// A gauge's value in the API's `/metrics`.
+    async fn gauge(&self, name: &str) -> Option<f64> {
+        let text = self.client.get(format!("{}/metrics", self.base)).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     async fn get(&self, path: &str) -> (u16, Option<Value>) {
@@ -713,6 +745,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut probes = Vec::new();
+            let wait = latency.wait;
             for _ in 0..total {
                 ticks.tick().await;
                 let api = api.clone();
@@ -723,8 +756,10 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
                     if code != 202 {
                         return None;
                     }
+                    // A long-poll without an ETag answers when the job has ended.
+                    let path = if wait { format!("/v1/jobs/{id}?wait=20") } else { format!("/v1/jobs/{id}") };
                     loop {
-                        let (_, job) = api.get(&format!("/v1/jobs/{id}")).await;
+                        let (_, job) = api.get(&path).await;
                         let status = job.as_ref().and_then(|j| j["status"].as_str()).unwrap_or_default();
                         if matches!(status, "succeeded" | "failed" | "cancelled") {
                             return Some(sent.elapsed().as_micros() as u64);
@@ -732,7 +767,9 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
                         if sent.elapsed() > Duration::from_secs(30) {
                             return None;
                         }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        if !wait {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
                     }
                 }));
             }
@@ -746,17 +783,19 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             }
             let rss = rss.finish();
             workers.stop().await;
+            let follow = if wait { "long-poll ?wait=" } else { "poll every 2 ms" };
             let report = json!({
-                "mode": "latency", "rate": latency.rate, "duration_s": latency.duration,
+                "mode": "latency", "rate": latency.rate, "duration_s": latency.duration, "follow": follow,
                 "jobs": latencies.len(), "unfinished": lost,
                 "submit_to_done": percentiles(latencies), "rss_mib": rss,
             });
             println!(
-                "latency rate={}/s for {} s: submit→done {}, unfinished {lost}, rss {}",
+                "latency rate={}/s for {} s ({follow}): submit→done {}, unfinished {lost}, rss {}",
                 latency.rate, latency.duration, report["submit_to_done"], report["rss_mib"]
             );
             report
         }
+        Mode::Idle(idle) => idle_clients(&api, &idle, cli.api_pid).await?,
         Mode::Poll(poll) => {
             let (_, page) = api.get("/v1/jobs?status=succeeded&limit=1").await;
             let Some(id) = page.as_ref().and_then(|p| p["jobs"][0]["id"].as_str()).map(str::to_owned) else {
@@ -780,6 +819,84 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
         }
     };
     Ok(report)
+}
+
+/// `idle.clients` clients wait on one queued job (no worker runs it): the
+/// API's peak RSS and its CPU over `idle.duration` once all of them wait.
+async fn idle_clients(api: &Rc<Api>, idle: &Idle, api_pid: Option<u32>) -> anyhow::Result<Value> {
+    let (code, id) = api.submit().await;
+    let Some(id) = id.filter(|_| code == 202) else { bail!("submitting the job to wait on answered {code}") };
+    let client = reqwest::Client::builder()
+        .default_headers(api.client_headers())
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let (path, gauge) = if idle.events {
+        (format!("{}/v1/jobs/{id}/events", api.base), "conveyor_api_event_streams_open")
+    } else {
+        (format!("{}/v1/jobs/{id}?wait=30", api.base), "conveyor_api_long_polls_waiting")
+    };
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(idle.clients);
+    for _ in 0..idle.clients {
+        let (client, path) = (client.clone(), path.clone());
+        clients.push(tokio::task::spawn_local(async move {
+            loop {
+                match client.get(&path).send().await {
+                    // A burst of arrivals may be shed (503) before they start waiting: come back.
+                    Ok(response) if response.status() == 503 => {}
+                    Ok(mut response) => while let Ok(Some(_)) = response.chunk().await {},
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut waiting = 0;
+    while waiting < idle.clients {
+        if Instant::now() > deadline {
+            bail!("only {waiting} of {} clients waiting after 180 s", idle.clients);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        waiting = api.gauge(gauge).await.unwrap_or(0.0) as usize;
+    }
+    let connected = started.elapsed();
+    let rss = RssSampler::start(api_pid.map(|pid| ("api_mib".to_owned(), pid)).into_iter().collect());
+    let cpu_before = api_pid.and_then(cpu_seconds);
+    tokio::time::sleep(Duration::from_secs(idle.duration)).await;
+    let cpu_after = api_pid.and_then(cpu_seconds);
+    let still = api.gauge(gauge).await.unwrap_or(0.0);
+    let rss = rss.finish();
+    for client in &clients {
+        client.abort();
+    }
+    let cpu = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) => json!(((after - before) / idle.duration as f64 * 1000.0).round() / 10.0),
+        _ => Value::Null,
+    };
+    let kind = if idle.events { "event streams" } else { "long-polls" };
+    let report = json!({
+        "mode": "idle", "kind": kind, "clients": idle.clients, "connected_s": connected.as_secs_f64(),
+        "waiting_at_end": still, "duration_s": idle.duration, "api_cpu_percent": cpu, "rss_mib": rss,
+    });
+    println!(
+        "idle    {} {kind}: all waiting after {:.1} s; API CPU {}% of a core, rss {}",
+        idle.clients,
+        connected.as_secs_f64(),
+        report["api_cpu_percent"],
+        report["rss_mib"]
+    );
+    Ok(report)
+}
+
+/// A process's CPU time so far (user + system), in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: state is field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
 }
 
 /// Requests per second of GET `path`, closed loop, for the configured time.

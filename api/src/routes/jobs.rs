@@ -183,7 +183,9 @@ pub async fn get(
         tokio::select! {
             () = woken => {}
             () = tokio::time::sleep_until(until) => {}
-            () = state.draining.cancelled() => {}
+            // The job as last read: thousands of waiters re-reading it at once
+            // would only hold up the stop.
+            () = state.draining.cancelled() => return Ok(answer(&req, &read)),
         }
     }
 }
