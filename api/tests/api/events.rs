@@ -279,7 +279,8 @@ async fn a_tenant_sees_only_its_own_jobs_events(_: PgPoolOptionsUnused, connect:
     assert!(ids.iter().all(|id| [&ours, &ours_critical, &last].contains(&&(*id).to_owned())), "{ids:?}");
     for id in [&ours, &ours_critical, &last] {
         let of_job: Vec<Event> = seen.iter().filter(|event| event.data["id"] == json!(id)).cloned().collect();
-        assert_eq!(shape(&of_job), [("running".to_owned(), None), ("succeeded".to_owned(), None)], "{seen:?}");
+        let statuses = ["queued", "running", "succeeded"].map(|status| (status.to_owned(), None));
+        assert_eq!(shape(&of_job), statuses, "{seen:?}");
     }
     let only_critical = [critical.next().await.expect("running"), critical.next().await.expect("succeeded")];
     assert!(only_critical.iter().all(|event| event.data["id"] == json!(ours_critical) && event.name.is_none()));
@@ -373,13 +374,7 @@ async fn a_lost_listening_connection_wakes_long_polls_and_ends_streams(
 
     // The listener's backend goes, and the job is cancelled before it is back:
     // no notification tells of the cancel.
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()) AS killed",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("terminated");
+    let killed = shared::testing::db::cut_listeners(&app.pool, shared::db::JOB_CHANGED_CHANNEL).await;
     assert_eq!(killed, 1, "one listening connection per API process");
     sqlx::query("UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = $1")
         .bind(job.id)
