@@ -1,17 +1,20 @@
-//! Ended jobs kept in memory, already rendered, so that clients polling a
-//! finished job are answered without a round trip to Postgres.
+//! Jobs kept in memory, already rendered, so that clients polling a job are
+//! answered without a round trip to Postgres while it has not changed.
 //!
-//! An ended job (succeeded, failed, cancelled) is immutable to clients, with
-//! two exceptions, both operator actions: a requeue and a prune.
-//! Postgres announces either on `conveyor_ended_changed` from a trigger, so
-//! every path is covered (another replica, the CLI, psql), and the cache
-//! empties itself when [`crate::changes`]' listener hears it. It serves only while it is listening: when
-//! the `LISTEN` connection is lost, notifications sent meanwhile are lost too,
-//! so the cache empties and stays off until it listens again.
+//! Every change a client can see of a job (its creation, status, progress,
+//! cancel request) is announced by Postgres on `conveyor_job_changed`, and
+//! [`crate::changes`]' listener makes the cache [`forget`](JobCache::forget)
+//! those jobs. Operators' requeues and prunes also fire
+//! `conveyor_ended_changed`, which empties the cache. Triggers announce them
+//! whoever makes them (another replica, the CLI, psql). The cache serves only
+//! while it is listening: when the `LISTEN` connection is lost, notifications
+//! sent meanwhile are lost too, so it empties and stays off until it listens
+//! again. An entry is kept `http.ended_cache_seconds` at most.
 //!
-//! A read that races an invalidation must not store what it read before it:
-//! a miss hands out a [`Ticket`], taken before the read from Postgres, and
-//! storing with it does nothing if the cache was emptied in between.
+//! A read that races a change must not store what it read before it: a miss
+//! hands out a [`Ticket`], taken before the read from Postgres, and storing
+//! with it does nothing if the cache was emptied, or the job forgotten, in
+//! between.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -21,6 +24,12 @@ use actix_web::web::Bytes;
 use sha2::{Digest, Sha256};
 use shared::job::Job;
 use uuid::Uuid;
+
+use crate::caching::Freshness;
+
+/// Jobs forgotten lately, kept to refuse a store that raced one of them; a
+/// ticket older than that is refused whatever its job.
+const FORGOTTEN_KEPT: usize = 65_536;
 
 /// A job as the API sends it: the JSON body and its strong `ETag`.
 #[derive(Debug, Clone)]
@@ -39,11 +48,12 @@ impl Rendered {
     }
 }
 
-/// A cached ended job and whose it is.
+/// A cached job, whose it is, and what clients may assume of it.
 #[derive(Debug)]
 pub struct Entry {
     pub tenant: String,
     pub rendered: Rendered,
+    pub freshness: Freshness,
     stored_at: Instant,
 }
 
@@ -59,13 +69,14 @@ impl Entry {
     }
 }
 
-/// Proof of the cache's state before a read from Postgres; see the module docs.
+/// Proof of the cache's state before a read from Postgres (its generation,
+/// and how many jobs it had forgotten); see the module docs.
 #[derive(Debug, Clone, Copy)]
-pub struct Ticket(u64);
+pub struct Ticket(u64, u64);
 
-/// Recently read ended jobs, bounded in bytes and in age.
+/// Recently read jobs, bounded in bytes and in age.
 #[derive(Debug)]
-pub struct EndedJobs {
+pub struct JobCache {
     inner: Mutex<Inner>,
     ttl: Duration,
     max_bytes: usize,
@@ -77,16 +88,19 @@ struct Inner {
     generation: u64,
     listening: bool,
     entries: HashMap<Uuid, Arc<Entry>>,
+    /// Jobs forgotten so far, and the latest of them, numbered.
+    forgets: u64,
+    forgotten: VecDeque<(u64, Uuid)>,
     /// Insertion order, for eviction and expiry: each id with when it was
     /// stored, so that a stale slot never evicts a newer entry of the same id.
     order: VecDeque<(Uuid, Instant)>,
     bytes: usize,
 }
 
-impl EndedJobs {
+impl JobCache {
     /// A cache that keeps entries for `ttl` within `max_bytes`; off until
-    /// [`EndedJobs::spawn_listener`] has its `LISTEN` in place. A zero `ttl`
-    /// or `max_bytes` keeps nothing.
+    /// the listener has its `LISTEN` in place. A zero `ttl` or `max_bytes`
+    /// keeps nothing.
     pub fn new(ttl: Duration, max_bytes: usize) -> Self {
         Self { inner: Mutex::new(Inner::default()), ttl, max_bytes }
     }
@@ -101,7 +115,7 @@ impl EndedJobs {
     pub fn get(&self, id: Uuid) -> Result<Arc<Entry>, Ticket> {
         let mut inner = self.lock();
         self.expire(&mut inner);
-        inner.entries.get(&id).map(Arc::clone).ok_or(Ticket(inner.generation))
+        inner.entries.get(&id).map(Arc::clone).ok_or(Ticket(inner.generation, inner.forgets))
     }
 
     /// Drops entries older than the ttl, oldest first (they are in `order`).
@@ -124,11 +138,11 @@ impl EndedJobs {
         }
     }
 
-    /// Stores an ended job read after `ticket` was taken, unless the cache
-    /// was emptied since (the read may predate the change that emptied it).
-    pub fn insert(&self, ticket: Ticket, id: Uuid, tenant: &str, rendered: Rendered) {
+    /// Stores a job read after `ticket` was taken, unless the cache was
+    /// emptied or the job forgotten since (the read may predate the change).
+    pub fn insert(&self, ticket: Ticket, id: Uuid, tenant: &str, rendered: Rendered, freshness: Freshness) {
         let stored_at = Instant::now();
-        let entry = Entry { tenant: tenant.to_owned(), rendered, stored_at };
+        let entry = Entry { tenant: tenant.to_owned(), rendered, freshness, stored_at };
         let size = entry.size();
         // One big job must not push out hundreds of small ones.
         if size > self.max_bytes / 64 {
@@ -139,6 +153,13 @@ impl EndedJobs {
         if !inner.listening || inner.generation != ticket.0 || inner.entries.contains_key(&id) {
             return;
         }
+        if inner.forgets > ticket.1 {
+            let oldest = inner.forgotten.front().map_or(u64::MAX, |&(n, _)| n);
+            let since = inner.forgotten.iter().rev().take_while(|&&(n, _)| n > ticket.1);
+            if oldest > ticket.1 + 1 || since.clone().any(|&(_, forgotten)| forgotten == id) {
+                return;
+            }
+        }
         while inner.bytes + size > self.max_bytes {
             let Some((oldest, at)) = inner.order.pop_front() else { break };
             Self::remove(&mut inner, oldest, at);
@@ -146,6 +167,23 @@ impl EndedJobs {
         inner.entries.insert(id, Arc::new(entry));
         inner.order.push_back((id, stored_at));
         inner.bytes += size;
+    }
+
+    /// Forgets these jobs, which changed (and voids outstanding tickets for them).
+    pub fn forget(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut inner = self.lock();
+        for id in ids {
+            inner.forgets += 1;
+            let n = inner.forgets;
+            if inner.forgotten.len() == FORGOTTEN_KEPT {
+                inner.forgotten.pop_front();
+            }
+            inner.forgotten.push_back((n, id));
+            // Its slot in `order` stays, and is skipped once it comes up.
+            if let Some(entry) = inner.entries.remove(&id) {
+                inner.bytes -= entry.size();
+            }
+        }
     }
 
     /// Forgets every entry (and voids outstanding tickets).
@@ -173,16 +211,40 @@ impl EndedJobs {
 mod tests {
     use super::*;
 
+    const ENDED: Freshness = Freshness::Ended { max_age: 60 };
+
+    #[test]
+    fn a_changed_job_is_forgotten_and_a_read_older_than_the_change_not_stored() {
+        let cache = listening(Duration::from_secs(60), 1 << 20);
+        let (id, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let live = Freshness::Live { retry_after: 1 };
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"), live);
+        assert_eq!(cache.get(id).map(|entry| entry.freshness).ok(), Some(live));
+        cache.forget([id]);
+        assert!(cache.get(id).is_err(), "forgotten");
+
+        let (before, before_other) = (ticket(&cache, id), ticket(&cache, other));
+        cache.forget([id]);
+        cache.insert(before, id, "t", rendered("{}"), live);
+        assert!(cache.get(id).is_err(), "read before the change: not stored");
+        cache.insert(before_other, other, "t", rendered("{}"), live);
+        assert!(cache.get(other).is_ok(), "another job's change does not matter");
+        let after = ticket(&cache, id);
+        cache.insert(after, id, "t", rendered("{}"), live);
+        assert!(cache.get(id).is_ok(), "read after the change: stored");
+        assert_eq!(cache.lock().bytes, 2 * (2 + 3 + 1 + 128));
+    }
+
     fn rendered(body: &str) -> Rendered {
         Rendered { body: Bytes::copy_from_slice(body.as_bytes()), etag: "\"x\"".to_owned() }
     }
 
-    fn ticket(cache: &EndedJobs, id: Uuid) -> Ticket {
-        cache.get(id).err().unwrap_or(Ticket(u64::MAX))
+    fn ticket(cache: &JobCache, id: Uuid) -> Ticket {
+        cache.get(id).err().unwrap_or(Ticket(u64::MAX, 0))
     }
 
-    fn listening(ttl: Duration, max_bytes: usize) -> EndedJobs {
-        let cache = EndedJobs::new(ttl, max_bytes);
+    fn listening(ttl: Duration, max_bytes: usize) -> JobCache {
+        let cache = JobCache::new(ttl, max_bytes);
         cache.set_listening(true);
         cache
     }
@@ -191,7 +253,7 @@ mod tests {
     fn serves_what_was_stored_until_it_expires() {
         let cache = listening(Duration::from_millis(50), 1 << 20);
         let id = Uuid::now_v7();
-        cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"), ENDED);
         assert_eq!(cache.get(id).map(|e| e.tenant.clone()).ok().as_deref(), Some("t"));
         std::thread::sleep(Duration::from_millis(60));
         assert!(cache.get(id).is_err());
@@ -203,15 +265,15 @@ mod tests {
         let id = Uuid::now_v7();
         let before = ticket(&cache, id);
         cache.clear();
-        cache.insert(before, id, "t", rendered("{}"));
+        cache.insert(before, id, "t", rendered("{}"), ENDED);
         assert!(cache.get(id).is_err());
     }
 
     #[test]
     fn stores_nothing_while_not_listening() {
-        let cache = EndedJobs::new(Duration::from_secs(60), 1 << 20);
+        let cache = JobCache::new(Duration::from_secs(60), 1 << 20);
         let id = Uuid::now_v7();
-        cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"), ENDED);
         assert!(cache.get(id).is_err());
     }
 
@@ -222,7 +284,7 @@ mod tests {
         let cache = listening(Duration::from_secs(60), size * 64);
         let ids: Vec<_> = (0..65).map(|_| Uuid::now_v7()).collect();
         for id in &ids {
-            cache.insert(ticket(&cache, *id), *id, "t", rendered(&body));
+            cache.insert(ticket(&cache, *id), *id, "t", rendered(&body), ENDED);
         }
         assert!(cache.get(ids[0]).is_err(), "the oldest makes room");
         assert!(ids[1..].iter().all(|id| cache.get(*id).is_ok()));
@@ -234,11 +296,11 @@ mod tests {
         let cache = listening(Duration::from_millis(20), 1 << 20);
         for _ in 0..10 {
             let id = Uuid::now_v7();
-            cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+            cache.insert(ticket(&cache, id), id, "t", rendered("{}"), ENDED);
         }
         std::thread::sleep(Duration::from_millis(30));
         let id = Uuid::now_v7();
-        cache.insert(ticket(&cache, id), id, "t", rendered("{}"));
+        cache.insert(ticket(&cache, id), id, "t", rendered("{}"), ENDED);
         let inner = cache.lock();
         assert_eq!((inner.entries.len(), inner.order.len()), (1, 1), "no slot kept for an expired entry");
         assert_eq!(inner.bytes, 2 + 3 + 1 + 128);

@@ -1,6 +1,7 @@
 //! What an API process hears from Postgres, on its one `LISTEN` connection:
-//! how jobs changed (for long-polls and server-sent events, [`Changes`]) and
-//! that an ended job changed (for the ended-job cache, [`EndedJobs`]).
+//! how jobs changed (for long-polls, server-sent events and the job cache,
+//! [`Changes`], [`JobCache`]) and that operators requeued or pruned jobs
+//! (which empties the cache).
 //!
 //! Each notification on the job channel is a [`Batch`]: a number Postgres
 //! gave it and every change, as the trigger saw it (see the migration
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::cache::EndedJobs;
+use crate::cache::JobCache;
 
 /// How often a waiter re-reads its job while changes are not heard.
 pub const SHORT_WAIT: Duration = Duration::from_secs(1);
@@ -379,7 +380,7 @@ pub fn spawn_listener(
     tasks: &TaskTracker,
     pool: PgPool,
     changes: Arc<Changes>,
-    ended: Arc<EndedJobs>,
+    cache: Arc<JobCache>,
     backoff: Duration,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
@@ -388,12 +389,12 @@ pub fn spawn_listener(
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                listened = listen(&pool, &changes, &ended, &mut names) => if let Err(e) = listened {
+                listened = listen(&pool, &changes, &cache, &mut names) => if let Err(e) = listened {
                     tracing::debug!(error = %e, "job change listener lost; long-polls poll, event streams end and the cache is off until it is back");
                 },
             }
             changes.set_listening(false);
-            ended.set_listening(false);
+            cache.set_listening(false);
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
@@ -402,15 +403,17 @@ pub fn spawn_listener(
     })
 }
 
-async fn listen(pool: &PgPool, changes: &Changes, ended: &EndedJobs, names: &mut Names) -> shared::db::Result<()> {
+async fn listen(pool: &PgPool, changes: &Changes, cache: &JobCache, names: &mut Names) -> shared::db::Result<()> {
     let mut listener = notify::listen_all(pool, &[ENDED_CHANGED_CHANNEL, JOB_CHANGED_CHANNEL]).await?;
-    ended.set_listening(true);
+    cache.set_listening(true);
     changes.set_listening(true);
     // `None`: the connection was lost, and with it what was notified meanwhile.
     while let Some((channel, payload)) = listener.recv_from().await? {
         if channel != JOB_CHANGED_CHANNEL {
-            ended.clear();
+            cache.clear();
         } else if let Some(batch) = Batch::parse(&payload, names) {
+            // Before the waiters wake: they read through the cache.
+            cache.forget(batch.changes.iter().map(|change| change.id));
             changes.heard(batch);
         } else {
             tracing::warn!(payload = %payload.chars().take(80).collect::<String>(), "unreadable job change notification");

@@ -14,8 +14,8 @@
 //! - [`overload`]: shedding requests beyond `http.max_in_flight`.
 //! - [`rate_limit`]: per-address and per-tenant rate limits (local or Redis buckets).
 //! - [`caching`]: ETag, Cache-Control and Retry-After of job reads.
-//! - [`cache`]: ended jobs served from memory, kept coherent by Postgres NOTIFY.
-//! - [`changes`]: the process's one `LISTEN`: job changes for long-polls and event streams, ended-job changes for the cache.
+//! - [`cache`]: jobs served from memory until they change, kept coherent by Postgres NOTIFY.
+//! - [`changes`]: the process's one `LISTEN`: job changes for long-polls, event streams and the cache.
 //! - [`events`]: server-sent events of job changes (`/v1/jobs/{id}/events`, `/v1/events`).
 //! - [`auth`]: API keys, JWTs, and the scope-checking extractor [`auth::Authorized`].
 //! - [`body`]: JSON request bodies with precise errors.

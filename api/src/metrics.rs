@@ -95,7 +95,7 @@ impl ApiMetrics {
         let ended_cache = IntCounterVec::new(
             Opts::new(
                 "conveyor_api_ended_cache_lookups_total",
-                "Job reads answered from the ended-job cache (hit) or from Postgres (miss)",
+                "Job reads answered from memory (hit: read lately, unchanged since) or from Postgres (miss)",
             ),
             &["result"],
         );

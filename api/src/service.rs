@@ -1,7 +1,7 @@
 //! The job service: what the `/v1/jobs` routes do, without HTTP. A
 //! submission is validated, inserted (submissions arriving together share one
 //! statement), published with a confirm, and its confirm recorded; reads go
-//! through the ended-job cache; cancels and requeues are guarded moves.
+//! through the job cache; cancels and requeues are guarded moves.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::admission::Admission;
-use crate::cache::{EndedJobs, Rendered};
+use crate::cache::{JobCache, Rendered};
 use crate::caching::Freshness;
 use crate::error::ApiError;
 use crate::metrics::ApiMetrics;
@@ -66,7 +66,7 @@ pub struct JobService {
     /// One submission's refused values fail only that submission.
     inserter: Batcher<NewJob, db::Result<Job>, db::Error>,
     outbox: Outbox,
-    ended: Arc<EndedJobs>,
+    cache: Arc<JobCache>,
     admission: Arc<Admission>,
     lanes: Lanes,
     metrics: Arc<ApiMetrics>,
@@ -116,7 +116,7 @@ impl JobService {
         settings: Arc<Settings>,
         pool: PgPool,
         outbox: Outbox,
-        ended: Arc<EndedJobs>,
+        cache: Arc<JobCache>,
         admission: Arc<Admission>,
         metrics: Arc<ApiMetrics>,
         tasks: &TaskTracker,
@@ -127,7 +127,7 @@ impl JobService {
             async move { jobs::insert_each_if_refused(&pool, &jobs).await }
         });
         let lanes = Lanes::new(pool.clone(), settings.amqp.lanes);
-        Self { settings, pool, inserter, outbox, ended, admission, lanes, metrics }
+        Self { settings, pool, inserter, outbox, cache, admission, lanes, metrics }
     }
 
     /// Validates, commits and publishes one submission of `tenant`. Once the
@@ -247,16 +247,20 @@ impl JobService {
         }
     }
 
-    /// One of `tenant`'s jobs, from memory when it ended and was read
-    /// recently. Another tenant's job is "not found", exactly like a job that
-    /// does not exist: its existence is not revealed.
+    /// One of `tenant`'s jobs, from memory when it was read recently and has
+    /// not changed since (see [`crate::cache`]). Another tenant's job is "not
+    /// found", exactly like a job that does not exist: its existence is not
+    /// revealed.
     pub async fn read(&self, tenant: &str, id: Uuid) -> Result<Read, ApiError> {
         let max_age = self.settings.http.ended_cache_seconds;
-        let ticket = match self.ended.get(id) {
+        let ticket = match self.cache.get(id) {
             Ok(entry) if entry.tenant == tenant => {
                 self.metrics.ended_cache(true);
-                let freshness = Freshness::Ended { max_age };
-                return Ok(Read { rendered: entry.rendered.clone(), freshness, age: Some(entry.age()) });
+                return Ok(Read {
+                    rendered: entry.rendered.clone(),
+                    freshness: entry.freshness,
+                    age: Some(entry.age()),
+                });
             }
             Ok(_) => return Err(not_found(id)),
             Err(ticket) => ticket,
@@ -266,9 +270,7 @@ impl JobService {
         let rendered = Rendered::of(&job)
             .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("rendering job {id}"))))?;
         let freshness = Freshness::of(&job, max_age);
-        if matches!(freshness, Freshness::Ended { .. }) {
-            self.ended.insert(ticket, id, tenant, rendered.clone());
-        }
+        self.cache.insert(ticket, id, tenant, rendered.clone(), freshness);
         Ok(Read { rendered, freshness, age: None })
     }
 
@@ -279,7 +281,11 @@ impl JobService {
     /// Cancels one of `tenant`'s jobs: scheduled, queued and retrying jobs at
     /// once; a running one is asked to stop (its worker tells the handler).
     pub async fn cancel(&self, tenant: &str, id: Uuid) -> Result<Job, ApiError> {
-        match jobs::cancel(&self.pool, tenant, id).await? {
+        let cancelled = jobs::cancel(&self.pool, tenant, id).await?;
+        // Other replicas hear of it from Postgres; this one must not answer the
+        // caller's next GET from a cache the notification has not reached yet.
+        self.cache.forget([id]);
+        match cancelled {
             Cancel::Cancelled(job) | Cancel::Requested(job) => Ok(job),
             Cancel::Terminal(job) => Err(ApiError::Conflict(format!(
                 "job {id} has already ended: {}; a failed or cancelled job can be requeued (POST /v1/jobs/{id}/requeue)",
@@ -302,9 +308,8 @@ impl JobService {
                 job.status
             )));
         };
-        // Other replicas hear of it from Postgres; this one must not answer the
-        // caller's next GET from a cache the notification has not reached yet.
-        self.ended.clear();
+        // As for a cancel.
+        self.cache.clear();
         self.outbox.publish(vec![moved]).await;
         self.get(tenant, id).await
     }

@@ -4,7 +4,7 @@
 //! requests in flight and flushes the background tasks.
 //!
 //! The background tasks (the insert batcher, the confirm recorder, the
-//! ended-job listener) run on one [`TaskTracker`]: the batchers end once the
+//! job change listener) run on one [`TaskTracker`]: the batchers end once the
 //! application state that feeds them is dropped with the server, having
 //! written what they held; the listener ends on a cancellation token.
 
@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
 use crate::auth::Authenticator;
-use crate::cache::EndedJobs;
+use crate::cache::JobCache;
 use crate::changes::{self, Changes};
 use crate::metrics::ApiMetrics;
 use crate::observe;
@@ -98,14 +98,14 @@ impl Application {
         let stop = CancellationToken::new();
         let draining = CancellationToken::new();
         let http = &settings.http;
-        let ended =
-            Arc::new(EndedJobs::new(Duration::from_secs(u64::from(http.ended_cache_seconds)), http.ended_cache_bytes));
+        let cache =
+            Arc::new(JobCache::new(Duration::from_secs(u64::from(http.ended_cache_seconds)), http.ended_cache_bytes));
         let changes = Arc::new(Changes::new(&settings.events));
         let notified = changes::spawn_listener(
             &tasks,
             pool.clone(),
             changes.clone(),
-            ended.clone(),
+            cache.clone(),
             Duration::from_millis(500),
             stop.clone(),
         );
@@ -114,7 +114,7 @@ impl Application {
         let admission = Arc::new(Admission::new(&settings));
         admission.spawn_refresher(&tasks, publisher.clone(), stop.clone());
         let metrics = Arc::new(ApiMetrics::new());
-        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, ended, admission, metrics.clone(), &tasks);
+        let jobs = JobService::new(settings.clone(), pool.clone(), outbox, cache, admission, metrics.clone(), &tasks);
         let spans = shared::spans::start(&settings.telemetry.otlp_endpoint, "conveyor-api", &tasks, stop.clone());
         let state = web::Data::new(AppState {
             settings,

@@ -142,6 +142,10 @@ struct Drained {
     /// Drain only: submit the backlog in batches of this many jobs (0: one by one).
     #[arg(long, default_value_t = 0)]
     batch_size: usize,
+    /// E2e only: clients polling jobs still moving (each GETs, again and
+    /// again, one of the last 64 jobs submitted), as impatient clients do.
+    #[arg(long, default_value_t = 0)]
+    pollers: usize,
 }
 
 #[derive(Debug, Args)]
@@ -421,7 +425,7 @@ async fn settle(api: &Api, workers: &Workers) -> anyhow::Result<()> {
 
 /// Closed loop: `concurrency` clients submit until `n` submissions are done.
 async fn submit_load(api: &Rc<Api>, load: &Load) -> (Duration, Vec<u64>, BTreeMap<u16, u64>) {
-    closed_loop(api, load.n, load.concurrency, None).await
+    closed_loop(api, load.n, load.concurrency, None, None).await
 }
 
 /// Closed loop: `concurrency` clients send `requests` requests in all, each a
@@ -431,12 +435,14 @@ async fn closed_loop(
     requests: usize,
     concurrency: usize,
     batch: Option<Rc<str>>,
+    submitted: Option<Rc<std::cell::RefCell<Vec<String>>>>,
 ) -> (Duration, Vec<u64>, BTreeMap<u16, u64>) {
     let next = Rc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..concurrency {
-        let (api, next, n, batch) = (api.clone(), next.clone(), requests as u64, batch.clone());
+        let (api, next, n, batch, submitted) =
+            (api.clone(), next.clone(), requests as u64, batch.clone(), submitted.clone());
         clients.push(tokio::task::spawn_local(async move {
             let mut latencies = Vec::new();
             let mut codes: BTreeMap<u16, u64> = BTreeMap::new();
@@ -444,7 +450,13 @@ async fn closed_loop(
                 let sent = Instant::now();
                 let code = match &batch {
                     Some(body) => api.submit_batch(body).await,
-                    None => api.submit().await.0,
+                    None => {
+                        let (code, id) = api.submit().await;
+                        if let (Some(submitted), Some(id)) = (&submitted, id) {
+                            submitted.borrow_mut().push(id);
+                        }
+                        code
+                    }
                 };
                 latencies.push(sent.elapsed().as_micros() as u64);
                 *codes.entry(code).or_default() += 1;
@@ -504,7 +516,8 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             let size = load.size.max(1);
             let body: Rc<str> = json!({ "jobs": vec![json!({"type": "noop"}); size] }).to_string().into();
             let rss = RssSampler::start(api_process);
-            let (took, latencies, codes) = closed_loop(&api, load.n.div_ceil(size), load.concurrency, Some(body)).await;
+            let (took, latencies, codes) =
+                closed_loop(&api, load.n.div_ceil(size), load.concurrency, Some(body), None).await;
             let rss = rss.finish();
             let jobs_per_s = accepted_per_second(&codes, took) * size as f64;
             let report = json!({
@@ -675,7 +688,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
                 0 => submit_load(&api, &drained.load).await.2,
                 size => {
                     let body: Rc<str> = json!({ "jobs": vec![json!({"type": "noop"}); size] }).to_string().into();
-                    closed_loop(&api, drained.load.n.div_ceil(size), drained.load.concurrency, Some(body)).await.2
+                    closed_loop(&api, drained.load.n.div_ceil(size), drained.load.concurrency, Some(body), None).await.2
                 }
             };
             // Counted in jobs, whichever way they were submitted.
@@ -714,23 +727,56 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             api.wait_all_done(Duration::from_secs(600)).await?;
             let rss = watch(&api_process, &workers);
             let started = Instant::now();
-            let (_, latencies, codes) = submit_load(&api, &drained.load).await;
+            let submitted = Rc::new(std::cell::RefCell::new(Vec::<String>::new()));
+            let stop = Rc::new(std::cell::Cell::new(false));
+            let polls = Rc::new(AtomicU64::new(0));
+            let pollers: Vec<_> = (0..drained.pollers)
+                .map(|i| {
+                    let (api, submitted, stop, polls) = (api.clone(), submitted.clone(), stop.clone(), polls.clone());
+                    tokio::task::spawn_local(async move {
+                        let mut k = i;
+                        while !stop.get() {
+                            k += 7;
+                            let id = {
+                                let ids = submitted.borrow();
+                                (!ids.is_empty()).then(|| ids[ids.len() - 1 - k % ids.len().min(64)].clone())
+                            };
+                            match id {
+                                Some(id) => {
+                                    api.get(&format!("/v1/jobs/{id}")).await;
+                                    polls.fetch_add(1, Ordering::Relaxed);
+                                }
+                                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let (_, latencies, codes) =
+                closed_loop(&api, drained.load.n, drained.load.concurrency, None, Some(submitted)).await;
             api.wait_all_done(Duration::from_secs(600)).await?;
             let took = started.elapsed();
+            stop.set(true);
+            for poller in pollers {
+                let _ = poller.await;
+            }
             let rss = rss.finish();
             workers.stop().await;
+            let polls_per_s = (polls.load(Ordering::Relaxed) as f64 / took.as_secs_f64()).round();
             let report = json!({
                 "mode": "e2e", "n": drained.load.n, "concurrency": drained.load.concurrency,
                 "workers": drained.workers.workers, "worker_concurrency": drained.workers.worker_concurrency,
+                "pollers": drained.pollers, "polls_per_s": polls_per_s,
                 "jobs_per_s": accepted_per_second(&codes, took), "submit_latency": percentiles(latencies),
                 "status": codes, "rss_mib": rss,
             });
             println!(
-                "e2e     n={} c={} workers={}x{}: {} jobs/s, rss {}",
+                "e2e     n={} c={} workers={}x{} pollers={}: {} jobs/s, {polls_per_s} polls/s, rss {}",
                 drained.load.n,
                 drained.load.concurrency,
                 drained.workers.workers,
                 drained.workers.worker_concurrency,
+                drained.pollers,
                 report["jobs_per_s"],
                 report["rss_mib"]
             );
@@ -826,10 +872,8 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
 async fn idle_clients(api: &Rc<Api>, idle: &Idle, api_pid: Option<u32>) -> anyhow::Result<Value> {
     let (code, id) = api.submit().await;
     let Some(id) = id.filter(|_| code == 202) else { bail!("submitting the job to wait on answered {code}") };
-    let client = reqwest::Client::builder()
-        .default_headers(api.client_headers())
-        .timeout(Duration::from_secs(120))
-        .build()?;
+    let client =
+        reqwest::Client::builder().default_headers(api.client_headers()).timeout(Duration::from_secs(120)).build()?;
     let (path, gauge) = if idle.events {
         (format!("{}/v1/jobs/{id}/events", api.base), "conveyor_api_event_streams_open")
     } else {

@@ -1,6 +1,6 @@
 //! `GET /v1/jobs/{id}` caching: `ETag` and `If-None-Match`,
-//! `Cache-Control` by state, and the API's memory of ended jobs, which must
-//! never outlive a requeue or a prune made anywhere.
+//! `Cache-Control` by state, and the API's memory of the jobs it read, which
+//! must never outlive a change, a requeue or a prune made anywhere.
 
 use std::time::Duration;
 
@@ -154,7 +154,7 @@ async fn memory_is_dropped_while_its_listen_connection_is_lost(_: PgPoolOptionsU
     // A change whose notification is lost: the trigger is off, and the
     // listening connection is cut. The API must not trust its memory after
     // losing the connection, since it cannot know what it missed.
-    db::disable_ended_trigger(&app.pool).await;
+    db::disable_change_triggers(&app.pool).await;
     jobs::requeue_one(&app.pool, "default", job.id).await.expect("requeue");
     assert!(from_memory(&get(&app, job.id, None).await), "nothing told the API yet");
     let cut = db::cut_listeners(&app.pool, shared::db::ENDED_CHANGED_CHANNEL).await;
@@ -164,5 +164,46 @@ async fn memory_is_dropped_while_its_listen_connection_is_lost(_: PgPoolOptionsU
     assert!(seen, "the cache was emptied when its connection was lost");
     // And it comes back: a new ended job is kept in memory again.
     ended_job_in_memory(&app).await;
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_polled_live_job_is_answered_from_memory_until_it_changes(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    let job = app.submit_ok(&json!({"type": "noop"})).await;
+    // Read once (once the cache listens, shortly after start), then from memory.
+    assert!(wait_until(BOUND, || async { from_memory(&get(&app, job.id, None).await) }).await);
+    let polled = get(&app, job.id, None).await;
+    assert!(from_memory(&polled));
+    assert_eq!(header_of(&polled, header::CACHE_CONTROL), Some("no-cache"), "still to be revalidated");
+    assert_eq!(header_of(&polled, header::RETRY_AFTER), Some("1"));
+    let tag = header_of(&polled, header::ETAG).expect("an ETag").to_owned();
+
+    // A hundred polls: no read from Postgres (the API counts each one it makes).
+    let reads = || async {
+        let text = reqwest::get(app.url("/metrics")).await.expect("scraped").text().await.expect("text");
+        shared::testing::scrape::samples(&text, "conveyor_api_ended_cache_lookups_total")
+    };
+    let before = reads().await;
+    for _ in 0..100 {
+        assert_eq!(get(&app, job.id, Some(&tag)).await.status(), StatusCode::NOT_MODIFIED);
+    }
+    let after = reads().await;
+    let moved = |result: &str| after[&format!("result=\"{result}\"")] - before[&format!("result=\"{result}\"")];
+    assert_eq!((moved("hit"), moved("miss")), (100.0, 0.0), "100 polls, none of them read from Postgres");
+
+    // A change made elsewhere (here psql's) is seen as soon as it is heard.
+    sqlx::query("UPDATE jobs SET progress = 40 WHERE id = $1").bind(job.id).execute(&app.pool).await.expect("updated");
+    let changed = std::time::Instant::now();
+    let seen = wait_until(BOUND, || async { app.get_job(job.id).await.progress == Some(40) }).await;
+    assert!(seen, "the change was seen");
+    eprintln!("a change made elsewhere seen after {} ms", changed.elapsed().as_millis());
+    assert!(changed.elapsed() < Duration::from_secs(1));
+
+    // The caller's own cancel is seen at once, by the replica that made it.
+    assert!(from_memory(&get(&app, job.id, None).await));
+    let cancel = app.client.post(app.url(&format!("/v1/jobs/{}/cancel", job.id))).send().await.expect("sent");
+    assert_eq!(cancel.status(), 200);
+    assert_eq!(app.get_job(job.id).await.status, JobStatus::Cancelled);
     app.stop().await;
 }

@@ -187,9 +187,9 @@ pub async fn truncate_jobs(pool: &PgPool) {
     execute(pool, "TRUNCATE jobs", |q| q).await;
 }
 
-/// Turns off the trigger that announces changes to ended jobs.
-pub async fn disable_ended_trigger(pool: &PgPool) {
-    execute(pool, "ALTER TABLE jobs DISABLE TRIGGER jobs_ended_updated", |q| q).await;
+/// Turns off the triggers that announce changes of jobs: the API hears of none.
+pub async fn disable_change_triggers(pool: &PgPool) {
+    execute(pool, "ALTER TABLE jobs DISABLE TRIGGER jobs_ended_updated, DISABLE TRIGGER jobs_changed", |q| q).await;
 }
 
 /// Terminates the connections listening on `channel`; returns how many.
