@@ -126,8 +126,16 @@ pub async fn docs(req: HttpRequest, config: web::Data<DocsConfig>) -> Result<Htt
             response.content_type(file.content_type);
             if file.gzpipped {
                 response.insert_header((header::CONTENT_ENCODING, "gzip"));
+                return Ok(response.body(file.bytes.into_owned()));
             }
-            Ok(response.body(file.bytes.into_owned()))
+            let mut body = file.bytes.into_owned();
+            if path.is_empty() {
+                // The page is also `/docs` itself, without the slash: its
+                // relative links must still lead under /docs/.
+                let page = String::from_utf8_lossy(&body).replacen("<head>", r#"<head><base href="/docs/">"#, 1);
+                body = page.into_bytes();
+            }
+            Ok(response.body(body))
         }
         Ok(None) => Err(ApiError::NotFound(format!("no such file under /docs: {path}"))),
         Err(e) => Err(ApiError::Internal(anyhow::anyhow!("serving /docs/{path}: {e}"))),

@@ -25,9 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/readyz", "GET").route(web::get().to(health::readyz)))
         .service(resource("/metrics", "GET").route(web::get().to(health::metrics)))
         .service(resource("/openapi.json", "GET").route(web::get().to(crate::openapi::description)))
-        .service(resource("/docs", "GET").route(
-            web::get().to(|| async { HttpResponse::Found().insert_header((header::LOCATION, "/docs/")).finish() }),
-        ))
+        .service(resource("/docs", "GET").route(web::get().to(crate::openapi::docs)))
         .service(resource("/docs/{file:.*}", "GET").route(web::get().to(crate::openapi::docs)))
         .default_service(web::to(not_found));
 }

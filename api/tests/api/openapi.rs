@@ -108,11 +108,17 @@ async fn the_description_covers_every_route_answer_header_and_scope(_: PgPoolOpt
     assert_eq!(refused.status(), 405);
     assert_eq!(refused.headers()["allow"], "GET, POST");
 
-    // The page for people, from the binary.
-    let page = reqwest::get(app.url("/docs")).await.expect("answered");
-    assert_eq!(page.status(), 200, "redirected to /docs/");
-    let html = page.text().await.expect("text");
-    assert!(html.contains("swagger-ui"), "{html}");
+    // The page for people, from the binary, at /docs and /docs/ (no redirect).
+    let plain = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    for path in ["/docs", "/docs/"] {
+        let page = plain.get(app.url(path)).send().await.expect("answered");
+        assert_eq!(page.status(), 200, "{path}");
+        assert!(page.headers()["content-type"].to_str().is_ok_and(|t| t.starts_with("text/html")));
+        let html = page.text().await.expect("text");
+        assert!(html.contains(r#"<base href="/docs/">"#) && html.contains("swagger-ui-bundle.js"), "{html}");
+    }
+    let css = plain.get(app.url("/docs/swagger-ui.css")).send().await.expect("answered");
+    assert_eq!(css.status(), 200);
     let init = reqwest::get(app.url("/docs/swagger-initializer.js")).await.expect("answered");
     assert!(init.text().await.expect("text").contains("/openapi.json"));
     app.stop().await;
