@@ -133,9 +133,7 @@ pub async fn tenant(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let query = web::Query::<EventsQuery>::from_query(req.query_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?
-        .into_inner();
+    let query: EventsQuery = crate::routes::query(&req)?;
     let last = LastEventId::of(&req)?;
     let heard = open(&state, &req)?;
     let cursor = {
@@ -188,10 +186,11 @@ impl LastEventId {
         if value == ENDED {
             return Ok(Some(Self::Ended));
         }
-        value
-            .parse()
-            .map(|id| Some(Self::At(id)))
-            .map_err(|()| ApiError::BadRequest(format!("Last-Event-ID {value:?} is not an event id this API sent")))
+        value.parse().map(|id| Some(Self::At(id))).map_err(|()| {
+            ApiError::BadRequest(format!(
+                "Last-Event-ID {value:?} is not an event id this API sent; reconnect without it to start from now"
+            ))
+        })
     }
 }
 

@@ -205,8 +205,7 @@ fn wait_of(req: &HttpRequest) -> Result<Option<Duration>, ApiError> {
     struct Wait {
         wait: Option<String>,
     }
-    let query = web::Query::<Wait>::from_query(req.query_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let query: Wait = super::query(req)?;
     match query.wait.as_deref().map(str::parse::<u64>) {
         None | Some(Ok(0)) => Ok(None),
         Some(Ok(seconds)) if seconds <= MAX_WAIT_SECONDS => Ok(Some(Duration::from_secs(seconds))),
@@ -291,9 +290,7 @@ pub async fn list(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let query = web::Query::<ListQuery>::from_query(req.query_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?
-        .into_inner();
+    let query: ListQuery = super::query(&req)?;
     let mut problems = Vec::new();
     // Postgres cannot compare against text holding U+0000: a 400, not a 500.
     for (name, value) in [("type", &query.kind), ("queue", &query.queue)] {
