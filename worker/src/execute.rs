@@ -21,7 +21,7 @@ use shared::queue::Delivery;
 use shared::spans::{self, Attribute, Spans};
 use shared::trace::TraceParent;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -78,6 +78,8 @@ pub struct Executor {
     resources: Resources,
     lease_seconds: i32,
     running: Mutex<HashMap<Uuid, Running>>,
+    /// See [`Limits::finishing`].
+    finishing: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     /// Cancel requests for jobs not running here (yet): a notification can
     /// arrive between a job's claim and its registration here, and must not
@@ -111,6 +113,11 @@ pub struct Limits {
     pub lease_seconds: u32,
     /// `tenants.max_running`; 0: no cap.
     pub max_running: u32,
+    /// Jobs whose handler has returned and whose outcome is still being
+    /// written, at most (the worker's concurrency). Past it a finished job
+    /// keeps its slot until its outcome is written, so a slow database slows
+    /// the claims too instead of piling up outcomes.
+    pub finishing: usize,
 }
 
 #[derive(Debug)]
@@ -146,6 +153,7 @@ impl Executor {
             settings,
             lease_seconds,
             running: Mutex::new(HashMap::new()),
+            finishing: Arc::new(Semaphore::new(limits.finishing.max(1))),
             metrics,
             pending_cancels: Mutex::new(HashMap::new()),
             spans: Spans::off(),
@@ -255,13 +263,19 @@ impl Executor {
         let Some(envelope) = Envelope::open(delivery).await else { return };
         let envelope = Arc::new(envelope);
         while let Some(job_id) = envelope.next_job() {
-            self.run_one(&envelope, job_id).await;
+            self.run_one(&envelope, job_id, None).await;
         }
     }
 
     /// Claims job `job_id` of `envelope` and runs it to its outcome. A job
     /// that is not queued (a duplicate message, or ended meanwhile) is skipped.
-    pub async fn run_one(&self, envelope: &Envelope, job_id: Uuid) {
+    ///
+    /// `slot` (the worker's permit to run a job) is given back as soon as the
+    /// handler returns, not when the outcome is written: the write is batched
+    /// with others and takes a commit, and a slot held through it would leave
+    /// the worker idle between short jobs. At most [`Limits::finishing`]
+    /// outcomes wait for their write that way.
+    pub async fn run_one(&self, envelope: &Envelope, job_id: Uuid, slot: Option<OwnedSemaphorePermit>) {
         let claimed = match self.claimer.claim(job_id).await {
             Ok(claimed) => claimed,
             Err(e) => {
@@ -298,10 +312,10 @@ impl Executor {
         // its lease is only rescued when the lease expires.
         let trace = JobTrace::of(&job, self.spans.recording());
         let span = trace.span(&job);
-        tokio::join!(envelope.resolved(Claim::Done), self.execute(job, trace).instrument(span));
+        tokio::join!(envelope.resolved(Claim::Done), self.execute(job, trace, slot).instrument(span));
     }
 
-    async fn execute(&self, job: Claimed, trace: JobTrace) {
+    async fn execute(&self, job: Claimed, trace: JobTrace, slot: Option<OwnedSemaphorePermit>) {
         let started = std::time::Instant::now();
         let started_at = std::time::SystemTime::now();
         let lease = job.lease();
@@ -334,6 +348,8 @@ impl Executor {
         if self.spans.recording() {
             self.spans.record(trace.finished(&job, &after, started_at));
         }
+        let _finishing = self.finishing.clone().acquire_owned().await;
+        drop(slot);
         match after {
             After::Finish(outcome) => self.finish(&job, outcome, elapsed_ms).await,
             After::Release => self.release(lease).await,

@@ -106,6 +106,7 @@ impl Worker {
                 Limits {
                     lease_seconds: self.settings.worker.lease_seconds,
                     max_running: self.settings.tenants.max_running,
+                    finishing: usize::from(self.config.concurrency),
                 },
                 resources,
                 &background,
@@ -347,8 +348,7 @@ async fn dispatch(
         let executor = executor.clone();
         jobs.spawn(async move {
             // Boxed: a job's future is tens of KiB, and thousands may be in flight.
-            Box::pin(executor.run_one(&envelope, job_id)).await;
-            drop(permit);
+            Box::pin(executor.run_one(&envelope, job_id, Some(permit))).await;
         });
     }
 }

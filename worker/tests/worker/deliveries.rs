@@ -19,7 +19,7 @@ fn executor(h: &Harness) -> Executor {
     let tasks = TaskTracker::new();
     let outbox = Outbox::new(h.publisher.clone(), h.pool.clone(), &tasks);
     let resources = Resources::new(&h.settings.jobs).expect("valid settings");
-    let limits = worker::execute::Limits { lease_seconds: 30, max_running: 0 };
+    let limits = worker::execute::Limits { lease_seconds: 30, max_running: 0, finishing: 16 };
     Executor::new(Uuid::now_v7(), h.pool.clone(), outbox, h.settings.jobs.clone(), limits, resources, &tasks)
 }
 

@@ -10,4 +10,5 @@ mod helpers;
 mod leadership;
 mod lost_messages;
 mod processes;
+mod slots;
 mod topology;
