@@ -1,7 +1,8 @@
 //! The job service: what the `/v1/jobs` routes do, without HTTP. A
 //! submission is validated, inserted (submissions arriving together share one
-//! statement), published with a confirm, and its confirm recorded; reads go
-//! through the job cache; cancels and requeues are guarded moves.
+//! statement, and their messages), published with a confirm, and its confirm
+//! recorded; reads go through the job cache; cancels and requeues are
+//! guarded moves.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +26,10 @@ use crate::submission::{BatchRequest, SubmitRequest, fingerprint};
 
 /// Submissions per insert statement at most.
 const INSERT_BATCH: usize = 256;
+
+/// Turns `true` once the publish of a submission's message is done
+/// (confirmed, or failed and left to the outbox sweep).
+type Published = tokio::sync::watch::Receiver<bool>;
 
 /// A job as read for a client: rendered, with what it may assume of it.
 #[derive(Debug)]
@@ -62,9 +67,11 @@ pub struct Origin {
 pub struct JobService {
     settings: Arc<Settings>,
     pool: PgPool,
-    /// Inserts submitted jobs, those arriving together in one statement.
-    /// One submission's refused values fail only that submission.
-    inserter: Batcher<NewJob, db::Result<Job>, db::Error>,
+    /// Inserts submitted jobs, those arriving together in one statement, and
+    /// publishes them together: they share messages (see [`stamp_messages`]).
+    /// One submission's refused values fail only that submission. Each
+    /// caller gets its job and a signal that its message's publish is done.
+    inserter: Batcher<NewJob, db::Result<(Job, Published)>, db::Error>,
     outbox: Outbox,
     cache: Arc<JobCache>,
     admission: Arc<Admission>,
@@ -121,10 +128,32 @@ impl JobService {
         metrics: Arc<ApiMetrics>,
         tasks: &TaskTracker,
     ) -> Self {
-        let insert_pool = pool.clone();
-        let inserter = Batcher::spawn(tasks, INSERT_BATCH, move |jobs: Vec<NewJob>| {
-            let pool = insert_pool.clone();
-            async move { jobs::insert_each_if_refused(&pool, &jobs).await }
+        let (insert_pool, insert_outbox, publishing) = (pool.clone(), outbox.clone(), tasks.clone());
+        let per_message = usize::from(settings.amqp.jobs_per_message);
+        let inserter = Batcher::spawn(tasks, INSERT_BATCH, move |mut jobs: Vec<NewJob>| {
+            stamp_messages(&mut jobs, per_message);
+            let (pool, outbox, publishing) = (insert_pool.clone(), insert_outbox.clone(), publishing.clone());
+            async move {
+                let inserted = jobs::insert_each_if_refused(&pool, &jobs).await?;
+                let queued: Vec<Enqueued> = inserted
+                    .iter()
+                    .zip(&jobs)
+                    .filter_map(|(job, new)| {
+                        let job = job.as_ref().ok().filter(|job| job.status == JobStatus::Queued)?;
+                        Some(Enqueued::of(job, new.lane, new.message_id, new.traceparent.as_deref()))
+                    })
+                    .collect();
+                // Published on a task of its own, so that the next insert
+                // need not wait for these confirms; each caller waits for them.
+                let (done, published) = tokio::sync::watch::channel(false);
+                if !queued.is_empty() {
+                    publishing.spawn(async move {
+                        outbox.publish(queued).await;
+                        let _ = done.send(true);
+                    });
+                }
+                Ok(inserted.into_iter().map(|job| job.map(|job| (job, published.clone()))).collect())
+            }
         });
         let lanes = Lanes::new(pool.clone(), settings.amqp.lanes);
         Self { settings, pool, inserter, outbox, cache, admission, lanes, metrics }
@@ -149,9 +178,10 @@ impl JobService {
         let lane = self.lanes.of(tenant).await?;
         new_job.lane = lane;
         let (Some(key), Some(hash)) = (key, hash) else {
-            let traceparent = new_job.traceparent.clone();
-            let job = self.inserter.call(new_job).await??;
-            self.publish(std::slice::from_ref(&job), lane, &[None], traceparent.as_deref()).await;
+            let (job, mut published) = self.inserter.call(new_job).await??;
+            self.metrics.submitted(&job.queue, &job.kind);
+            // Done, or its publisher gone: either way the outbox has the job.
+            let _ = published.wait_for(|done| *done).await;
             return Ok(Submitted { jobs: job, replayed: false });
         };
         let submitted = self.insert_keyed(tenant, key, &hash, vec![new_job]).await?;

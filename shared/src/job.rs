@@ -325,17 +325,22 @@ pub struct NewJob {
     pub traceparent: Option<String>,
 }
 
-/// Groups a batch's jobs into messages of up to `per_message` jobs, by queue
-/// and priority (what a message has one of; a batch has one tenant, so one
-/// lane): each job's `message_id` is the id of its message's first job.
-/// Scheduled jobs are left alone; they are published when due, each on its own.
+/// Groups jobs submitted together (one batch, or single submissions inserted
+/// in one statement) into messages of up to `per_message` jobs, by what a
+/// message has one of: queue, priority, lane, and the trace of the request
+/// when it is sampled (the message's `traceparent` header; unsampled traces
+/// are not sent, so they do not split messages). Each job's `message_id` is
+/// the id of its message's first job. Scheduled jobs are left alone; they
+/// are published when due, each on its own.
 pub fn stamp_messages(jobs: &mut [NewJob], per_message: usize) {
     if per_message <= 1 {
         return;
     }
-    let mut open: HashMap<(String, i16), (Uuid, usize)> = HashMap::new();
+    type Key = (String, i16, i16, Option<String>);
+    let mut open: HashMap<Key, (Uuid, usize)> = HashMap::new();
     for job in jobs.iter_mut().filter(|job| job.run_at.is_none()) {
-        let slot = open.entry((job.queue.clone(), job.priority)).or_insert((job.id, 0));
+        let trace = job.traceparent.clone().filter(|tp| crate::trace::is_sampled(tp));
+        let slot = open.entry((job.queue.clone(), job.priority, job.lane, trace)).or_insert((job.id, 0));
         if slot.1 == per_message {
             *slot = (job.id, 0);
         }
@@ -574,6 +579,19 @@ mod tests {
         let mut alone = vec![job("a", 0, None), job("a", 0, None)];
         stamp_messages(&mut alone, 1);
         assert!(alone.iter().all(|job| job.message_id.is_none()), "1: a message per job");
+
+        // Single submissions inserted together: several tenants' lanes, and
+        // traces, sampled (sent with the message) or not (not sent).
+        let sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let mut together: Vec<_> = [(0, None), (1, None), (0, Some(unsampled)), (0, Some(sampled)), (0, None)]
+            .into_iter()
+            .map(|(lane, trace)| NewJob { lane, traceparent: trace.map(str::to_owned), ..job("a", 0, None) })
+            .collect();
+        stamp_messages(&mut together, 16);
+        let messages: Vec<_> = together.iter().map(|job| job.message_id).collect();
+        let id = |i: usize| Some(together[i].id);
+        assert_eq!(messages, [id(0), id(1), id(0), id(3), id(0)], "by lane; a sampled trace alone");
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub const HEADER: &str = "traceparent";
 /// `sampled`: the caller may record this trace.
 const SAMPLED: u8 = 0x01;
 
+/// Whether a stored `traceparent` is of a sampled trace.
+pub fn is_sampled(traceparent: &str) -> bool {
+    TraceParent::parse(traceparent).is_some_and(|tp| tp.sampled())
+}
+
 impl TraceParent {
     /// A new trace, of which this is the root span. Not sampled: nothing
     /// here records spans, so nobody will have this trace but the logs.

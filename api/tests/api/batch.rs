@@ -1,13 +1,16 @@
 //! `POST /v1/jobs/batch`: many submissions in one request, all accepted or
 //! none, in order, with the single submission's auth and idempotency.
 
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use shared::job::{Job, JobStatus};
 use shared::queue::Message;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::errors::fields;
-use crate::helpers::{TestApp, client_with, key, spawn_app};
+use crate::helpers::{TestApp, client_with, key, spawn_app, wait_until};
 use crate::submit::PgPoolOptionsUnused;
 use api::auth::Scope;
 
@@ -152,5 +155,74 @@ async fn a_batch_retried_with_its_key_is_replayed(_: PgPoolOptionsUnused, connec
     let single = app.client.post(app.url("/v1/jobs")).header("Idempotency-Key", "batch-1");
     assert_eq!(single.json(&json!({"type": "noop"})).send().await.expect("sent").status(), 409);
     assert_eq!(app.job_count().await, 2);
+    app.stop().await;
+}
+
+/// Single submissions that arrive together are inserted in one statement and
+/// share messages the way a batch's jobs do: up to `amqp.jobs_per_message`
+/// to a message, a message's jobs of one queue, priority and lane, and a
+/// request whose trace is sampled in a message of its own (it carries the
+/// trace in its headers).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn single_submissions_made_together_share_messages(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    // Hold the inserts back, so that the submissions pile up behind the first.
+    let mut lock = app.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE jobs IN SHARE MODE").execute(&mut *lock).await.expect("lock");
+    let traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let requests: Vec<_> = (0..41)
+        .map(|i| {
+            let mut request = app.client.post(app.url("/v1/jobs"));
+            request = match i {
+                40 => request.header("traceparent", traced).json(&json!({"type": "noop"})),
+                i if i % 4 == 0 => request.json(&json!({"type": "noop", "priority": 5})),
+                _ => request.json(&json!({"type": "noop"})),
+            };
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap_or_default()
+            > 0
+    };
+    assert!(wait_until(Duration::from_secs(10), waiting).await, "an insert waits for the lock");
+    // The other requests reach the inserter meanwhile (a few ms each).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.rollback().await.expect("unlock");
+
+    let mut jobs = HashMap::new();
+    for request in requests {
+        let response = request.await.expect("joined").expect("sent");
+        assert_eq!(response.status(), 202);
+        let job: Job = response.json().await.expect("a job");
+        jobs.insert(job.id, job);
+    }
+
+    let messages = app.amqp.depth("default").await;
+    let mut carried = Vec::new();
+    let mut sampled = Vec::new();
+    while let Some((body, properties)) = app.amqp.take("default").await {
+        let ids = serde_json::from_slice::<Message>(&body).expect("a job message").job_ids().to_vec();
+        assert!(ids.len() <= 16, "at most amqp.jobs_per_message: {ids:?}");
+        let priorities: HashSet<_> = ids.iter().map(|id| jobs[id].priority).collect();
+        assert_eq!(priorities.len(), 1, "one priority to a message: {ids:?}");
+        if properties.headers().as_ref().is_some_and(|headers| headers.inner().contains_key("traceparent")) {
+            sampled.push(ids.clone());
+        }
+        carried.extend(ids);
+    }
+    carried.sort();
+    let mut submitted: Vec<_> = jobs.keys().copied().collect();
+    submitted.sort();
+    assert_eq!(carried, submitted, "every job in exactly one message");
+    assert_eq!(sampled.len(), 1, "the sampled request's message alone carries its trace");
+    assert_eq!(sampled[0].len(), 1, "and only its job: {sampled:?}");
+    // 41 jobs: without sharing, 41 messages; together, at least four (one
+    // blocked first, then 30 of priority 0 in two, 10 of priority 5 in one,
+    // the traced one alone).
+    assert!(messages < 41, "submissions made together share messages: {messages} messages");
     app.stop().await;
 }

@@ -238,7 +238,7 @@ impl Publisher {
             // a sampled one: a headers table costs RabbitMQ ~15% of its peak
             // publish rate (docs/BENCHMARKS.md), which a trace nobody records
             // should not pay; the worker reads the parent from the row anyway.
-            if let Some(traceparent) = first.traceparent.as_ref().filter(|tp| sampled(tp)) {
+            if let Some(traceparent) = first.traceparent.as_ref().filter(|tp| trace::is_sampled(tp)) {
                 let mut headers = FieldTable::default();
                 headers.insert(trace::HEADER.into(), AMQPValue::LongString(traceparent.as_str().into()));
                 properties = properties.with_headers(headers);
@@ -311,11 +311,6 @@ impl Publisher {
 
 /// Which of `jobs` travel together: one list of indexes per message, in the
 /// order of each message's first job.
-/// Whether a stored `traceparent` is of a sampled trace.
-fn sampled(traceparent: &str) -> bool {
-    trace::TraceParent::parse(traceparent).is_some_and(|tp| tp.sampled())
-}
-
 fn messages_of(jobs: &[Enqueued]) -> Vec<Vec<usize>> {
     let mut messages: Vec<Vec<usize>> = Vec::new();
     let mut shared: HashMap<Uuid, usize> = HashMap::new();
