@@ -27,6 +27,9 @@ use crate::submission::{BatchRequest, SubmitRequest, fingerprint};
 /// Submissions per insert statement at most.
 const INSERT_BATCH: usize = 256;
 
+/// Job reads per statement at most.
+const READ_BATCH: usize = 128;
+
 /// Turns `true` once the publish of a submission's message is done
 /// (confirmed, or failed and left to the outbox sweep).
 type Published = tokio::sync::watch::Receiver<bool>;
@@ -72,6 +75,9 @@ pub struct JobService {
     /// One submission's refused values fail only that submission. Each
     /// caller gets its job and a signal that its message's publish is done.
     inserter: Batcher<NewJob, db::Result<(Job, Published)>, db::Error>,
+    /// Reads jobs the cache could not answer, those asked together in one
+    /// statement (any tenant's: the caller checks whose it is).
+    reader: Batcher<Uuid, Option<Job>, db::Error>,
     outbox: Outbox,
     cache: Arc<JobCache>,
     admission: Arc<Admission>,
@@ -155,8 +161,16 @@ impl JobService {
                 Ok(inserted.into_iter().map(|job| job.map(|job| (job, published.clone()))).collect())
             }
         });
+        let read_pool = pool.clone();
+        let reader = Batcher::spawn(tasks, READ_BATCH, move |ids: Vec<Uuid>| {
+            let pool = read_pool.clone();
+            async move {
+                let found = jobs::get_many(&pool, None, &ids).await?;
+                Ok(each_asked(&ids, found.into_iter().map(|job| (job.id, job))))
+            }
+        });
         let lanes = Lanes::new(pool.clone(), settings.amqp.lanes);
-        Self { settings, pool, inserter, outbox, cache, admission, lanes, metrics }
+        Self { settings, pool, inserter, reader, outbox, cache, admission, lanes, metrics }
     }
 
     /// Validates, commits and publishes one submission of `tenant`. Once the
@@ -245,7 +259,7 @@ impl JobService {
                 Ok(Submitted { jobs: created, replayed: false })
             }
             Keyed::Replayed(ids) => {
-                let earlier = jobs::get_many(&self.pool, tenant, &ids).await?;
+                let earlier = jobs::get_many(&self.pool, Some(tenant), &ids).await?;
                 if earlier.len() != ids.len() {
                     return Err(ApiError::Conflict(format!(
                         "Idempotency-Key {key:?} was used for jobs that have since been deleted; use a new key"
@@ -305,7 +319,7 @@ impl JobService {
     }
 
     async fn get(&self, tenant: &str, id: Uuid) -> Result<Job, ApiError> {
-        jobs::get(&self.pool, tenant, id).await?.ok_or_else(|| not_found(id))
+        self.reader.call(id).await?.filter(|job| job.tenant == tenant).ok_or_else(|| not_found(id))
     }
 
     /// Cancels one of `tenant`'s jobs: scheduled, queued and retrying jobs at
@@ -384,6 +398,35 @@ fn fit(jobs: &mut [ListedJob], budget: usize) {
     }
 }
 
+/// An answer per id asked, in order, from the jobs found (each once): an id
+/// asked twice in one batch gets the job twice.
+fn each_asked<T: Clone>(ids: &[Uuid], found: impl IntoIterator<Item = (Uuid, T)>) -> Vec<Option<T>> {
+    let mut asked: HashMap<Uuid, usize> = HashMap::with_capacity(ids.len());
+    for id in ids {
+        *asked.entry(*id).or_default() += 1;
+    }
+    let mut found: HashMap<Uuid, T> = found.into_iter().collect();
+    ids.iter()
+        .map(|id| {
+            let left = asked.get_mut(id)?;
+            *left -= 1;
+            if *left == 0 { found.remove(id) } else { found.get(id).cloned() }
+        })
+        .collect()
+}
+
 fn not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("no job {id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_id_asked_gets_its_answer_even_when_asked_twice() {
+        let (a, b, missing) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let answers = each_asked(&[b, missing, a, b], [(a, "a"), (b, "b")]);
+        assert_eq!(answers, [Some("b"), None, Some("a"), Some("b")]);
+    }
 }

@@ -10,7 +10,7 @@ use shared::queue::Message;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::errors::fields;
-use crate::helpers::{TestApp, client_with, key, spawn_app, wait_until};
+use crate::helpers::{TestApp, client_with, key, spawn_app, wait_until, waiting_for_jobs_table};
 use crate::submit::PgPoolOptionsUnused;
 use api::auth::Scope;
 
@@ -181,13 +181,7 @@ async fn single_submissions_made_together_share_messages(_: PgPoolOptionsUnused,
             tokio::spawn(request.send())
         })
         .collect();
-    let waiting = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap_or_default()
-            > 0
-    };
+    let waiting = || async { waiting_for_jobs_table(&app.pool).await > 0 };
     assert!(wait_until(Duration::from_secs(10), waiting).await, "an insert waits for the lock");
     // The other requests reach the inserter meanwhile (a few ms each).
     tokio::time::sleep(Duration::from_millis(500)).await;

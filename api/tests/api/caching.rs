@@ -13,7 +13,7 @@ use shared::testing::db;
 use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, client_with, key, spawn_app, wait_until};
+use crate::helpers::{TestApp, client_with, key, spawn_app, wait_until, waiting_for_jobs_table};
 use crate::submit::PgPoolOptionsUnused;
 
 const BOUND: Duration = Duration::from_secs(5);
@@ -205,5 +205,47 @@ async fn a_polled_live_job_is_answered_from_memory_until_it_changes(_: PgPoolOpt
     let cancel = app.client.post(app.url(&format!("/v1/jobs/{}/cancel", job.id))).send().await.expect("sent");
     assert_eq!(cancel.status(), 200);
     assert_eq!(app.get_job(job.id).await.status, JobStatus::Cancelled);
+    app.stop().await;
+}
+
+/// Reads the cache cannot answer, arriving together, share one statement:
+/// while the jobs table is locked, twenty clients' GETs of twenty jobs wait
+/// in one query, not twenty; each still gets its own job, and a job of
+/// another tenant read in the same statement stays unknown to the caller.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn reads_made_together_share_a_statement(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
+    let app = spawn_app(connect).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(app.submit_ok(&json!({"type": "noop"})).await.id);
+    }
+    let other_tenant = client_with(&key(&app.pool, "other", &[Scope::JobsRead]).await);
+    // Nothing reads the table until this lock goes.
+    let mut lock = app.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock");
+    let reads: Vec<_> = ids
+        .iter()
+        .map(|id| tokio::spawn(app.client.get(app.url(&format!("/v1/jobs/{id}"))).send()))
+        .chain([tokio::spawn(other_tenant.get(app.url(&format!("/v1/jobs/{}", ids[0]))).send())])
+        .collect();
+    let waiting = || waiting_for_jobs_table(&app.pool);
+    assert!(wait_until(BOUND, || async { waiting().await > 0 }).await, "a read waits for the lock");
+    // One statement at a time: the other reads wait for it in the API, not
+    // in Postgres. (Each read its own statement: 21 would wait here within
+    // milliseconds.)
+    let more = wait_until(Duration::from_millis(500), || async { waiting().await > 1 }).await;
+    assert!(!more, "{} reads wait in Postgres", waiting().await);
+    lock.rollback().await.expect("unlock");
+
+    let mut answers = Vec::new();
+    for read in reads {
+        answers.push(read.await.expect("joined").expect("sent"));
+    }
+    let denied = answers.pop().expect("the other tenant's read");
+    assert_eq!(denied.status(), 404, "another tenant's job stays unknown");
+    for (id, answer) in ids.iter().zip(answers) {
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.json::<Job>().await.expect("a job").id, *id, "each client gets its own job");
+    }
     app.stop().await;
 }

@@ -251,6 +251,15 @@ pub fn allow_loopback(settings: &mut Settings) {
     settings.jobs.http.allow = vec!["127.0.0.1/32".to_owned()];
 }
 
+/// Statements waiting for a lock on the jobs table (held by a test to make
+/// the API's statements queue up).
+pub async fn waiting_for_jobs_table(pool: &PgPool) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_default()
+}
+
 /// Re-checks `condition` every few milliseconds until it holds (true) or
 /// `limit` passes (false). The bound keeps a broken test from hanging CI.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool

@@ -298,8 +298,9 @@ pub async fn cancel(db: &PgPool, tenant: &str, id: Uuid) -> Result<Cancel> {
     Ok(Cancel::KeptChanging)
 }
 
-/// `tenant`'s jobs with these ids, in the order of `ids` (those that exist).
-pub async fn get_many(db: impl PgExecutor<'_>, tenant: &str, ids: &[Uuid]) -> Result<Vec<Job>> {
+/// `tenant`'s jobs (any tenant's when `None`) with these ids, in the order of
+/// `ids` (those that exist, each once).
+pub async fn get_many(db: impl PgExecutor<'_>, tenant: Option<&str>, ids: &[Uuid]) -> Result<Vec<Job>> {
     let found = sqlx::query_as!(
         Job,
         r#"
@@ -307,7 +308,7 @@ pub async fn get_many(db: impl PgExecutor<'_>, tenant: &str, ids: &[Uuid]) -> Re
                priority, attempt, max_attempts, timeout_seconds, run_at, progress, result::text AS "result: RawJson",
                error AS "error: JobFailure", idempotency_key, request_id, requeue_count, cancel_requested_at,
                created_at, started_at, finished_at, updated_at
-        FROM jobs WHERE tenant = $1 AND id = ANY($2)
+        FROM jobs WHERE ($1::text IS NULL OR tenant = $1) AND id = ANY($2)
         "#,
         tenant,
         ids,
