@@ -38,6 +38,19 @@ const DB_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Outcome writes are retried this many times before the lease is left to expire.
 const FINISH_ATTEMPTS: u32 = 5;
 
+/// The connections claims are written on: their commits do not wait for
+/// the WAL to reach the disk (`synchronous_commit = off`). A claim is not
+/// what makes a job durable (its row, committed at submission, is), and a
+/// claim lost to a Postgres crash is recovered: its job is `queued` again
+/// with its message already acknowledged, which the reconciler's lost-message
+/// check publishes again; and the outcome of a run cannot be durable without
+/// its claim, since the outcome's own (synchronous) commit flushes the WAL in
+/// order. Two connections: the claimer runs one statement at a time.
+fn claim_pool(pool: &PgPool) -> PgPool {
+    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
+    sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy_with(options)
+}
+
 /// Why a running handler was told to stop. The first reason given wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -146,7 +159,7 @@ impl Executor {
         let metrics = Arc::new(Metrics::new());
         Self {
             resources,
-            claimer: Claimer::spawn(tasks, pool.clone(), worker_id, lease_seconds, max_running, metrics.clone()),
+            claimer: Claimer::spawn(tasks, claim_pool(&pool), worker_id, lease_seconds, max_running, metrics.clone()),
             outcomes: OutcomeWriter::spawn(tasks, pool.clone(), metrics.clone()),
             pool,
             outbox,
@@ -579,5 +592,20 @@ impl JobTrace {
             ],
             error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The claim connections, and only they, commit without waiting for the disk.
+    #[sqlx::test(migrations = false)]
+    async fn claims_commit_without_waiting_for_the_disk(pool: PgPool) {
+        let setting = |pool: PgPool| async move {
+            sqlx::query_scalar::<_, String>("SHOW synchronous_commit").fetch_one(&pool).await.expect("query")
+        };
+        assert_eq!(setting(claim_pool(&pool)).await, "off");
+        assert_eq!(setting(pool).await, "on");
     }
 }
