@@ -48,7 +48,12 @@ const FINISH_ATTEMPTS: u32 = 5;
 /// order. Two connections: the claimer runs one statement at a time.
 fn claim_pool(pool: &PgPool) -> PgPool {
     let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
-    sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy_with(options)
+    // As the main pool: bounded waits, and no ping before each claim.
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .test_before_acquire(pool.options().get_test_before_acquire())
+        .connect_lazy_with(options)
 }
 
 /// Why a running handler was told to stop. The first reason given wins.
