@@ -68,6 +68,7 @@ async fn a_worker_runs_at_most_its_concurrency_at_once(_: PgPoolOptionsUnused, c
     for _ in 0..6 {
         app.submit_ok(&json!({"type": "sleep", "payload": {"ms": 400}})).await;
     }
+    let started = std::time::Instant::now();
     app.spawn_worker(&["default"], 2);
 
     let peak = AtomicI64::new(0);
@@ -77,7 +78,15 @@ async fn a_worker_runs_at_most_its_concurrency_at_once(_: PgPoolOptionsUnused, c
     })
     .await;
     assert!(done);
-    assert_eq!(peak.load(Ordering::SeqCst), 2, "two slots, both used, never more");
+    // Six handlers of 400 ms, two at a time: at least three rounds. (Three
+    // at a time would be done in two.)
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1200), "six 400 ms jobs done in {took:?}: more than two ran at once");
+    // Both slots used. Postgres may also show, for the moment its outcome
+    // takes to commit, a job whose handler has returned (README, Workers):
+    // up to two more.
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&peak), "{peak} running at the peak");
     app.stop().await;
 }
 
