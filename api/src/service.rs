@@ -141,14 +141,8 @@ impl JobService {
             let (pool, outbox, publishing) = (insert_pool.clone(), insert_outbox.clone(), publishing.clone());
             async move {
                 let inserted = jobs::insert_each_if_refused(&pool, &jobs).await?;
-                let queued: Vec<Enqueued> = inserted
-                    .iter()
-                    .zip(&jobs)
-                    .filter_map(|(job, new)| {
-                        let job = job.as_ref().ok().filter(|job| job.status == JobStatus::Queued)?;
-                        Some(Enqueued::of(job, new.lane, new.message_id, new.traceparent.as_deref()))
-                    })
-                    .collect();
+                let queued =
+                    queued(inserted.iter().zip(&jobs).filter_map(|(job, new)| Some((job.as_ref().ok()?, new))));
                 // Published on a task of its own, so that the next insert
                 // need not wait for these confirms; each caller waits for them.
                 let (done, published) = tokio::sync::watch::channel(false);
@@ -231,8 +225,7 @@ impl JobService {
             return self.insert_keyed(tenant, key, &hash, new_jobs).await;
         }
         let created = jobs::insert_many(&self.pool, &new_jobs).await?;
-        let messages: Vec<_> = new_jobs.iter().map(|job| job.message_id).collect();
-        self.publish(&created, lane, &messages, origin.traceparent.as_deref()).await;
+        self.publish(&created, &new_jobs).await;
         Ok(Submitted { jobs: created, replayed: false })
     }
 
@@ -249,13 +242,10 @@ impl JobService {
         for job in &mut jobs {
             job.idempotency_key = Some(key.clone());
         }
-        let lane = jobs.first().map_or(0, |job| job.lane);
-        let traceparent = jobs.first().and_then(|job| job.traceparent.clone());
-        let messages: Vec<_> = jobs.iter().map(|job| job.message_id).collect();
         let ttl = i64::try_from(self.settings.jobs.idempotency_ttl_seconds).unwrap_or(i64::MAX);
         match db::idempotency::submit(&self.pool, tenant, &key, hash, ttl, &jobs).await? {
             Keyed::Created(created) => {
-                self.publish(&created, lane, &messages, traceparent.as_deref()).await;
+                self.publish(&created, &jobs).await;
                 Ok(Submitted { jobs: created, replayed: false })
             }
             Keyed::Replayed(ids) => {
@@ -274,18 +264,12 @@ impl JobService {
     }
 
     /// Counts the jobs just inserted as submitted, and publishes the queued
-    /// ones, all in `lane`, each in the message it was stamped with
-    /// (`messages`, in the same order), with the request's `traceparent`.
-    async fn publish(&self, inserted: &[Job], lane: i16, messages: &[Option<Uuid>], traceparent: Option<&str>) {
+    /// ones (`inserted`, from `submitted` in the same order).
+    async fn publish(&self, inserted: &[Job], submitted: &[NewJob]) {
         for job in inserted {
             self.metrics.submitted(&job.queue, &job.kind);
         }
-        let queued: Vec<Enqueued> = inserted
-            .iter()
-            .zip(messages)
-            .filter(|(job, _)| job.status == JobStatus::Queued)
-            .map(|(job, message)| Enqueued::of(job, lane, *message, traceparent))
-            .collect();
+        let queued = queued(inserted.iter().zip(submitted));
         if !queued.is_empty() {
             self.outbox.publish(queued).await;
         }
@@ -396,6 +380,17 @@ fn fit(jobs: &mut [ListedJob], budget: usize) {
             }
         }
     }
+}
+
+/// What to publish of jobs just inserted (each with the submission it came
+/// from): the queued ones, in their lane and the message they were stamped
+/// with, with their request's `traceparent`.
+fn queued<'a>(inserted: impl IntoIterator<Item = (&'a Job, &'a NewJob)>) -> Vec<Enqueued> {
+    inserted
+        .into_iter()
+        .filter(|(job, _)| job.status == JobStatus::Queued)
+        .map(|(job, new)| Enqueued::of(job, new.lane, new.message_id, new.traceparent.as_deref()))
+        .collect()
 }
 
 /// An answer per id asked, in order, from the jobs found (each once): an id
