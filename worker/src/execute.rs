@@ -39,7 +39,7 @@ const DB_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 const FINISH_ATTEMPTS: u32 = 5;
 
 /// The connections claims are written on: their commits do not wait for
-/// the WAL to reach the disk (`synchronous_commit = off`). A claim is not
+/// the WAL to reach the disk ([`shared::db::unflushed`]). A claim is not
 /// what makes a job durable (its row, committed at submission, is), and a
 /// claim lost to a Postgres crash is recovered: its job is `queued` again
 /// with its message already acknowledged, which the reconciler's lost-message
@@ -47,13 +47,7 @@ const FINISH_ATTEMPTS: u32 = 5;
 /// its claim, since the outcome's own (synchronous) commit flushes the WAL in
 /// order. Two connections: the claimer runs one statement at a time.
 fn claim_pool(pool: &PgPool) -> PgPool {
-    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
-    // As the main pool: bounded waits, and no ping before each claim.
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(pool.options().get_acquire_timeout())
-        .test_before_acquire(pool.options().get_test_before_acquire())
-        .connect_lazy_with(options)
+    shared::db::unflushed(pool, 2)
 }
 
 /// Why a running handler was told to stop. The first reason given wins.

@@ -148,6 +148,21 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(options.application_name("conveyor")))
 }
 
+/// A pool of `connections` beside `pool` (same database, options and waits)
+/// whose commits do not wait for the WAL to reach the disk
+/// (`synchronous_commit = off`): for writes a Postgres crash may undo because
+/// something else repairs them (the worker's claims). Such a commit is
+/// visible at once, and durable with the next commit that waits, or within
+/// a fraction of a second by the WAL writer.
+pub fn unflushed(pool: &PgPool, connections: u32) -> PgPool {
+    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .test_before_acquire(pool.options().get_test_before_acquire())
+        .connect_lazy_with(options)
+}
+
 /// Creates the database named in `url` if it does not exist yet.
 pub async fn ensure_database(url: &str) -> Result<bool, sqlx::Error> {
     if Postgres::database_exists(url).await? {
