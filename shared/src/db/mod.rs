@@ -10,7 +10,7 @@
 //! - [`idempotency`]: idempotency keys and what their first request created.
 //! - [`workers`]: worker registration, heartbeats and what they hold.
 //! - [`leadership`]: the reconciler's leadership and its fencing term.
-//! - [`notify`]: `LISTEN` for cancel requests and changes to ended jobs.
+//! - [`notify`]: `LISTEN` for cancel requests and job changes.
 //! - [`queues`]: counts across queues for operators.
 
 use std::sync::Arc;
@@ -40,15 +40,12 @@ pub const CANCEL_CHANNEL: &str = "conveyor_cancel";
 /// ended job changed or was deleted: a requeue or a prune. No payload.
 pub const ENDED_CHANGED_CHANNEL: &str = "conveyor_ended_changed";
 
-/// The `NOTIFY` channel on which Postgres itself (a trigger) announces which
-/// jobs changed in a way a client sees (status, progress, a cancel request):
-/// comma-separated ids, at most [`JOB_CHANGED_IDS_PER_NOTIFICATION`] to a
-/// notification. Long-polls wait for it.
+/// The `NOTIFY` channel on which Postgres (triggers, see the migrations
+/// `job_changes`, `job_change_events` and `job_created_events`) announces how jobs
+/// changed in a way a client sees (created, status, progress, a cancel
+/// request): a number, then a line per job. Long-polls, the job cache and
+/// event streams follow it.
 pub const JOB_CHANGED_CHANNEL: &str = "conveyor_job_changed";
-
-/// Ids one notification on [`JOB_CHANGED_CHANNEL`] names at most (a payload
-/// must stay under Postgres' 8,000 bytes).
-pub const JOB_CHANGED_IDS_PER_NOTIFICATION: usize = 200;
 
 /// A failed call to Postgres. Cloneable, so that one failed statement can
 /// answer every request batched into it; the cause is kept, never flattened
