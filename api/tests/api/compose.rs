@@ -1,7 +1,8 @@
 //! `compose.yaml` cannot be started here (no Docker engine), so it is kept
 //! honest by reading it: it parses, every service it depends on exists, every
 //! command is one the binaries accept, and every environment key is one the
-//! configuration knows (an unknown `CONVEYOR__…` key fails to load).
+//! configuration knows (an unknown `CONVEYOR__…` key fails to load); and its
+//! nginx configuration is the one `nginx -t` accepts and scripts/stack runs.
 
 use std::path::Path;
 
@@ -114,7 +115,13 @@ fn files_compose_refers_to_exist() {
             mounted.push(source.to_owned());
         }
     }
-    for file in ["deploy/nginx.conf", "deploy/prometheus.yml", "deploy/alerts.yml", "deploy/grafana/dashboards"] {
+    for file in [
+        "deploy/nginx.conf",
+        "deploy/nginx-upstream.conf",
+        "deploy/prometheus.yml",
+        "deploy/alerts.yml",
+        "deploy/grafana/dashboards",
+    ] {
         assert!(mounted.iter().any(|m| m == file), "compose.yaml does not mount {file}: {mounted:?}");
     }
 }
@@ -131,4 +138,45 @@ fn the_observability_profile_adds_prometheus_and_grafana() {
     }
     let profiled = compose["services"].as_hash().expect("services").values().filter(|s| !s["profiles"].is_badvalue());
     assert_eq!(profiled.count(), 2, "only the observability services are behind a profile");
+}
+
+/// nginx itself (Debian's, unpacked by scripts/setup) accepts
+/// deploy/nginx.conf as scripts/stack runs it: in a main configuration of
+/// its own, with the replicas it started as the upstream.
+#[test]
+fn nginx_accepts_the_shipped_configuration() {
+    let checked =
+        std::process::Command::new(root().join("scripts/stack")).arg("check").output().expect("scripts/stack runs");
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "nginx -t refused deploy/nginx.conf: {said}");
+    assert!(said.contains("test is successful"), "{said}");
+}
+
+/// compose's nginx gets the replicas where deploy/nginx.conf looks for them,
+/// by the `api` service's name and port, and lets through every body the API
+/// accepts (the API answers what is too large).
+#[test]
+fn compose_points_nginx_at_the_api_replicas() {
+    let compose = compose();
+    let services = &compose["services"];
+    let volumes = strings(&services["nginx"]["volumes"]);
+    assert!(
+        volumes.contains(&"./deploy/nginx-upstream.conf:/etc/nginx/conveyor-upstream.conf:ro".to_owned()),
+        "{volumes:?}"
+    );
+    let shared = std::fs::read_to_string(root().join("deploy/nginx.conf")).expect("deploy/nginx.conf");
+    assert!(shared.contains("include conveyor-upstream.conf;"), "deploy/nginx.conf includes the upstream file");
+
+    let port = services["api"]["environment"]["CONVEYOR__HTTP__PORT"].as_str().expect("the api's port");
+    let upstream = std::fs::read_to_string(root().join("deploy/nginx-upstream.conf")).expect("upstream file");
+    let servers: Vec<&str> = upstream.lines().filter(|line| line.starts_with("server ")).collect();
+    assert_eq!(servers.len(), 1, "{upstream}");
+    assert!(servers[0].starts_with(&format!("server api:{port} resolve ")), "{}", servers[0]);
+
+    let limit = shared
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("client_max_body_size ")?.strip_suffix("m;")?.parse::<usize>().ok())
+        .expect("client_max_body_size in MiB");
+    let settings = Settings::from_layers(None, &[]).expect("defaults");
+    assert!(limit * 1024 * 1024 > settings.http.body_limit_bytes, "nginx must let through what the API accepts");
 }
