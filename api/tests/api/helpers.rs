@@ -73,12 +73,18 @@ pub async fn api_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
 /// and returns it (killed on drop) once it accepts connections, with its
 /// `host:port`.
 pub async fn spawn_api_process(settings: &Settings) -> (tokio::process::Child, String) {
-    spawn_api_process_with(settings, |_| ()).await
+    spawn_api_process_with(settings, 0, |_| ()).await
+}
+
+/// Like [`spawn_api_process`], on `port` (a replica restarted where its load
+/// balancer expects it).
+pub async fn spawn_api_process_on(settings: &Settings, port: u16) -> tokio::process::Child {
+    spawn_api_process_with(settings, port, |_| ()).await.0
 }
 
 /// Like [`spawn_api_process`], with its JSON log lines kept.
 pub async fn spawn_logged_api_process(settings: &Settings) -> (tokio::process::Child, String, Logs) {
-    let (mut server, address) = spawn_api_process_with(settings, |command| {
+    let (mut server, address) = spawn_api_process_with(settings, 0, |command| {
         command.env("CONVEYOR__LOG__FORMAT", "json").env("RUST_LOG", "info").stderr(std::process::Stdio::piped());
     })
     .await;
@@ -86,11 +92,16 @@ pub async fn spawn_logged_api_process(settings: &Settings) -> (tokio::process::C
     (server, address, logs)
 }
 
+/// `port` 0: any free one.
 async fn spawn_api_process_with(
     settings: &Settings,
+    port: u16,
     configure: impl FnOnce(&mut tokio::process::Command),
 ) -> (tokio::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let port = match port {
+        0 => free_port(),
+        given => given,
+    };
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"));
     command
         .arg("serve")
@@ -130,6 +141,11 @@ pub fn spawn_logged_worker_process(settings: &Settings) -> (tokio::process::Chil
         .expect("the worker binary starts");
     let logs = Logs::capture(worker.stderr.take().expect("stderr is piped"));
     (worker, logs)
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port()
 }
 
 /// Creates an API key of `tenant` with `scopes` and returns its token.

@@ -24,4 +24,5 @@ mod overload;
 mod pipeline;
 mod rate_limits;
 mod reliability;
+mod scale_out;
 mod submit;
