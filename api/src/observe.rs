@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::{ConnectionType, Method};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage as _, HttpRequest, web};
 use shared::spans::{Attribute, Finished, Kind};
@@ -76,6 +76,11 @@ pub async fn observe(
     let mut response = next.call(req).await?;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    // A draining replica closes each connection after its answer, so that a
+    // load balancer stops reusing it before the server stops (see startup).
+    if state.as_ref().is_some_and(|state| state.draining.is_cancelled()) {
+        response.response_mut().head_mut().set_connection_type(ConnectionType::Close);
     }
     let elapsed = started.elapsed();
     let status = response.status().as_u16();

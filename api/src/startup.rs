@@ -1,15 +1,16 @@
 //! Building and running the HTTP server. [`Application::build`] returns with
 //! the listener already bound, so tests can ask for port 0 and read the port;
-//! [`Application::run_until_stopped`] serves until a signal, then drains the
-//! requests in flight and flushes the background tasks.
+//! [`Application::run_until_stopped`] serves until a signal, then drains (see
+//! [`StopHandle::stop`]) and flushes the background tasks.
 //!
 //! The background tasks (the insert batcher, the confirm recorder, the
 //! job change listener) run on one [`TaskTracker`]: the batchers end once the
 //! application state that feeds them is dropped with the server, having
 //! written what they held; the listener ends on a cancellation token.
 
-use std::net::TcpListener;
+use std::net::{Shutdown, TcpListener};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
@@ -21,6 +22,7 @@ use shared::db;
 use shared::outbox::Outbox;
 use shared::queue::Publisher;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,6 +44,9 @@ use crate::state::AppState;
 /// write what they hold (confirms, a last batch of inserts).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long actix's accept thread takes, at most, to act on a pause.
+const PAUSE_SETTLES: Duration = Duration::from_millis(50);
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -52,19 +57,82 @@ pub struct Application {
     /// Cancelled as the server starts to stop: long-polls answer at once,
     /// so that the drain does not wait for them.
     draining: CancellationToken,
+    drain: Drain,
 }
 
-/// Stops an [`Application`] gracefully: long-polls answer at once, requests
-/// in progress finish, then the server stops.
+/// What a drain needs besides the server: the listening socket (actix keeps
+/// it open until it stops), the connections open, and how long to wait.
+#[derive(Clone)]
+struct Drain {
+    socket: Arc<socket2::Socket>,
+    connections: Arc<Connections>,
+    patience: Duration,
+}
+
+/// Connections open now, counted by a guard each connection carries.
+#[derive(Default)]
+struct Connections {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+struct Open(Arc<Connections>);
+
+impl Open {
+    fn new(connections: &Arc<Connections>) -> Self {
+        connections.open.fetch_add(1, Ordering::Relaxed);
+        Self(connections.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.closed.notify_waiters();
+    }
+}
+
+/// Stops an [`Application`] gracefully; see [`StopHandle::stop`].
 #[derive(Clone)]
 pub struct StopHandle {
     server: ServerHandle,
     draining: CancellationToken,
+    drain: Drain,
 }
 
 impl StopHandle {
+    /// Takes no new connection from now on: refused, a load balancer retries
+    /// the request on another replica, even a POST, since none of it was
+    /// sent (a listener merely left unpolled would hold such connections
+    /// until they were reset, requests sent). Long-polls answer at once.
+    /// Requests on the connections already open are still answered, each
+    /// answer closing its connection, until none is left or `http.drain_ms`
+    /// has passed: a load balancer stops reusing them without ever sending
+    /// on one the server closes. Then the requests in progress finish and
+    /// the server stops.
     pub async fn stop(&self) {
+        self.server.pause().await;
+        // actix's accept thread stops polling the socket once it has seen the
+        // pause, a moment after this returns; closing the socket under it
+        // would have it log accept errors. Meanwhile connections kept alive
+        // carry on as before, so that the balancer has no reason to open
+        // new ones, which would wait unaccepted and be reset.
+        tokio::time::sleep(PAUSE_SETTLES).await;
+        if let Err(e) = self.drain.socket.shutdown(Shutdown::Both) {
+            tracing::warn!(error = %e, "could not close the listening socket; new connections wait until the server stops");
+        }
         self.draining.cancel();
+        let connections = &self.drain.connections;
+        let all_closed = async {
+            loop {
+                let closed = connections.closed.notified();
+                if connections.open.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
+                closed.await;
+            }
+        };
+        let _ = tokio::time::timeout(self.drain.patience, all_closed).await;
         self.server.stop(true).await;
     }
 }
@@ -85,6 +153,11 @@ impl Application {
         let address = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&address).with_context(|| format!("Failed to bind {address}"))?;
         let port = listener.local_addr()?.port();
+        let drain = Drain {
+            socket: Arc::new(socket2::Socket::from(listener.try_clone()?)),
+            connections: Arc::default(),
+            patience: Duration::from_millis(settings.http.drain_ms),
+        };
         let queues = settings.queues.keys().cloned().collect();
         let publisher = Publisher::new(&settings.amqp, queues, &format!("conveyor-api-{}", uuid::Uuid::now_v7()));
         if !publisher.is_ready().await {
@@ -138,6 +211,7 @@ impl Application {
         let limits = web::Data::new(limits);
         let description = web::Data::new(Description::new(&state.settings));
         let docs = web::Data::new(DocsConfig::default());
+        let connections = drain.connections.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -155,12 +229,15 @@ impl Application {
                 .configure(routes::configure)
         })
         .workers(workers)
+        .on_connect(move |_, extensions| {
+            extensions.insert(Open::new(&connections));
+        })
         // Signals are ours (run_until_stopped): long-polls must end before the drain.
         .disable_signals()
         .listen(listener)?
         .run();
         tracing::info!(%address, port, "API listening");
-        Ok(Self { port, server, tasks, stop, listener: notified, draining })
+        Ok(Self { port, server, tasks, stop, listener: notified, draining, drain })
     }
 
     pub fn port(&self) -> u16 {
@@ -169,7 +246,7 @@ impl Application {
 
     /// A handle to stop the server gracefully, as SIGTERM does.
     pub fn handle(&self) -> StopHandle {
-        StopHandle { server: self.server.handle(), draining: self.draining.clone() }
+        StopHandle { server: self.server.handle(), draining: self.draining.clone(), drain: self.drain.clone() }
     }
 
     /// Serves until SIGINT/SIGTERM (or [`StopHandle::stop`]), then answers

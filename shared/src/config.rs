@@ -119,6 +119,9 @@ pub struct HttpSettings {
     pub max_in_flight: usize,
     /// Addresses (CIDRs) whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// On SIGTERM, how long connections already open are still served
+    /// (each answer closing its connection) before the server stops.
+    pub drain_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]

@@ -1,6 +1,6 @@
 //! API replicas behind nginx (deploy/nginx.conf, run by `scripts/stack
 //! balance`) broken on purpose while clients submit through it: a replica
-//! and a worker killed and started again.
+//! and a worker killed and started again; every replica restarted in turn.
 //! Clients do what the README asks of them: each submission carries an
 //! Idempotency-Key, and what is retryable (a connection error, 502, 503 with
 //! `Retry-After`, 504) is sent again with the same key.
@@ -160,6 +160,13 @@ fn port_of(address: &str) -> u16 {
     address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("host:port")
 }
 
+async fn terminate(child: &mut Child) {
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+    let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("drained in 30 s");
+    assert!(exited.expect("exit status").success(), "a clean exit after SIGTERM");
+}
+
 async fn kill(child: &mut Child) {
     child.start_kill().expect("SIGKILL");
     child.wait().await.expect("reaped");
@@ -218,6 +225,53 @@ async fn a_replica_and_a_worker_killed_mid_traffic_lose_no_job(_: PgPoolOptions,
         tally.wrong.is_empty(),
         "clients saw what they cannot retry: {:?}; nginx said {:#?}",
         tally.wrong,
+        balancer.errors(8)
+    );
+    every_accepted_job_succeeds(&app, &tally.accepted).await;
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_rolling_restart_of_the_replicas_loses_no_request(_: PgPoolOptions, connect: PgConnectOptions) {
+    // As shipped (the tests' settings stop at once).
+    let app = spawn_app_with(connect, |s| s.http.drain_ms = 1000).await;
+    let (mut apis, mut ports) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (api, address) = spawn_api_process(&app.settings).await;
+        apis.push(api);
+        ports.push(port_of(&address));
+    }
+    let _worker = spawn_logged_worker_process(&app.settings).0;
+    let balancer = Balancer::start(&ports).await;
+    let traffic = Traffic::start(&balancer, &app.token, 8);
+
+    traffic.more(100).await;
+    // As an operator would: the next replica only once the last is back in
+    // nginx's rotation (nginx leaves a replica it could not reach alone
+    // for 5 s, then tries it again).
+    for (api, port) in apis.iter_mut().zip(&ports) {
+        terminate(api).await;
+        *api = spawn_api_process_on(&app.settings, *port).await;
+        let metrics = format!("http://127.0.0.1:{port}/metrics");
+        let serving = wait_until(Duration::from_secs(30), || async {
+            let scraped = reqwest::get(&metrics).await.ok();
+            let text = match scraped {
+                Some(answer) => answer.text().await.unwrap_or_default(),
+                None => String::new(),
+            };
+            text.lines().any(|line| line.starts_with("conveyor_api_requests_total") && line.contains("status=\"202\""))
+        })
+        .await;
+        assert!(serving, "the restarted replica on {port} got no submission through nginx");
+    }
+    let tally = traffic.stop().await;
+
+    eprintln!("rolling restart: {} accepted, retried {:?}", tally.accepted.len(), tally.retried);
+    assert!(tally.wrong.is_empty(), "clients saw what they cannot retry: {:?}", tally.wrong);
+    assert!(
+        tally.retried.is_empty(),
+        "every request answered the first time: {:?}; nginx said {:#?}",
+        tally.retried,
         balancer.errors(8)
     );
     every_accepted_job_succeeds(&app, &tally.accepted).await;

@@ -137,6 +137,9 @@ pub fn settings(db: &PgConnectOptions, namespace: &AmqpNamespace) -> Settings {
     settings.amqp.lanes = 1;
     // Tests run many workers at once; the health port tests pick a port each.
     settings.worker.http_port = 0;
+    // A stopping test server need not wait for its clients' idle
+    // connections; the rolling-restart test drains as shipped.
+    settings.http.drain_ms = 0;
     settings
 }
 
@@ -160,6 +163,7 @@ pub fn child_env(settings: &Settings) -> Vec<(String, String)> {
         ("CONVEYOR__WORKER__OUTBOX_GRACE_SECONDS", worker.outbox_grace_seconds.to_string()),
         ("CONVEYOR__WORKER__SHUTDOWN_GRACE_SECONDS", worker.shutdown_grace_seconds.to_string()),
         ("CONVEYOR__WORKER__HTTP_PORT", worker.http_port.to_string()),
+        ("CONVEYOR__HTTP__DRAIN_MS", settings.http.drain_ms.to_string()),
         ("CONVEYOR__RATE_LIMIT__TENANT_PER_SECOND", settings.rate_limit.tenant_per_second.to_string()),
         ("CONVEYOR__RATE_LIMIT__TENANT_BURST", settings.rate_limit.tenant_burst.to_string()),
         ("CONVEYOR__RATE_LIMIT__IP_PER_SECOND", settings.rate_limit.ip_per_second.to_string()),
