@@ -59,7 +59,7 @@ fn compose_services_run_commands_and_settings_the_code_accepts() {
     let compose = compose();
     let services = compose["services"].as_hash().expect("services");
     let names: Vec<&str> = services.keys().filter_map(Yaml::as_str).collect();
-    for expected in ["postgres", "rabbitmq", "migrate", "api", "worker", "nginx"] {
+    for expected in ["postgres", "rabbitmq", "redis", "migrate", "api", "worker", "nginx"] {
         assert!(names.contains(&expected), "compose.yaml lacks service {expected}");
     }
 
@@ -97,7 +97,51 @@ fn compose_services_run_commands_and_settings_the_code_accepts() {
         }
     }
     assert_eq!(built, 3, "migrate, api and worker run the project's image");
-    assert_eq!(services[&Yaml::from_str("api")]["environment"]["CONVEYOR__HTTP__HOST"].as_str(), Some("0.0.0.0"));
+    let api = &services[&Yaml::from_str("api")];
+    assert_eq!(api["environment"]["CONVEYOR__HTTP__HOST"].as_str(), Some("0.0.0.0"));
+    // Replicas share the rate limiter's buckets, in the compose's Redis.
+    let settings = Settings::from_layers(None, &environment(api)).expect("the api's settings");
+    assert_eq!(format!("{:?}", settings.rate_limit.backend), "Redis");
+    let redis_host = settings.rate_limit.redis_url.split("//").nth(1).and_then(|rest| rest.split(':').next());
+    assert!(names.contains(&redis_host.expect("a redis host")), "{}", settings.rate_limit.redis_url);
+    assert!(!settings.http.trusted_proxies.is_empty(), "behind nginx, X-Forwarded-For names the client");
+}
+
+/// Every long-running service says when it is healthy.
+#[test]
+fn every_long_running_service_has_a_health_check() {
+    let compose = compose();
+    for (name, service) in compose["services"].as_hash().expect("services") {
+        let name = name.as_str().expect("service name");
+        if service["restart"].as_str() == Some("no") {
+            continue; // one-shot
+        }
+        assert!(!service["healthcheck"]["test"].is_badvalue(), "{name} has no health check");
+    }
+}
+
+/// The image (which Docker cannot build here) is read instead: built in
+/// stages, its dependencies in a layer that source edits do not invalidate,
+/// run as a user other than root, with a health check of its own.
+#[test]
+fn the_dockerfile_builds_in_stages_caches_dependencies_and_runs_unprivileged() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    let lines: Vec<&str> = dockerfile.lines().map(str::trim).collect();
+    let position = |prefix: &str| lines.iter().position(|line| line.starts_with(prefix));
+    assert_eq!(lines.iter().filter(|line| line.starts_with("FROM ")).count(), 2, "a build stage and a runtime stage");
+    let manifests = position("COPY Cargo.toml Cargo.lock").expect("the manifests copied on their own");
+    let sources = position("COPY . .").expect("the sources copied");
+    let first_build = lines.iter().position(|line| line.contains("cargo build --release --locked")).expect("a build");
+    assert!(manifests < first_build && first_build < sources, "dependencies built before the sources arrive");
+    for member in ["api", "worker", "shared", "bench"] {
+        assert!(
+            position(&format!("COPY {member}/Cargo.toml")).is_some(),
+            "{member}'s manifest in the dependency layer"
+        );
+    }
+    let user = lines.iter().rev().find_map(|line| line.strip_prefix("USER ")).expect("a USER");
+    assert!(!["root", "0"].contains(&user), "runs as {user}");
+    assert!(position("HEALTHCHECK ").is_some(), "a HEALTHCHECK");
 }
 
 #[test]
