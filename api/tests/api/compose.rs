@@ -4,25 +4,17 @@
 //! configuration knows (an unknown `CONVEYOR__…` key fails to load); and its
 //! nginx configuration is the one `nginx -t` accepts and scripts/stack runs.
 
-use std::path::Path;
-
 use clap::Parser as _;
 use shared::config::Settings;
 use yaml_rust2::{Yaml, YamlLoader};
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root")
-}
+use crate::helpers::{root, strings};
 
 fn compose() -> Yaml {
     let text = std::fs::read_to_string(root().join("compose.yaml")).expect("compose.yaml exists");
     let mut docs = YamlLoader::load_from_str(&text).expect("compose.yaml parses");
     assert_eq!(docs.len(), 1);
     docs.remove(0)
-}
-
-fn strings(yaml: &Yaml) -> Vec<String> {
-    yaml.as_vec().map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
 /// A service's environment as pairs, with `<<` merge keys resolved.

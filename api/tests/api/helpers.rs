@@ -143,6 +143,16 @@ pub fn spawn_logged_worker_process(settings: &Settings) -> (tokio::process::Chil
     (worker, logs)
 }
 
+/// The workspace's root directory.
+pub fn root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root")
+}
+
+/// A YAML sequence's strings (empty when it is not a sequence).
+pub fn strings(yaml: &yaml_rust2::Yaml) -> Vec<String> {
+    yaml.as_vec().map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port()

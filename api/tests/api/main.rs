@@ -15,6 +15,7 @@ mod events;
 mod fairness;
 mod helpers;
 mod idempotency;
+mod k8s;
 mod kinds;
 mod list;
 mod long_poll;

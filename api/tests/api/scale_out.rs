@@ -18,7 +18,7 @@ use tokio::process::Child;
 use uuid::Uuid;
 
 use crate::helpers::{
-    TestApp, client_with, free_port, spawn_api_process, spawn_api_process_on, spawn_app_with,
+    TestApp, client_with, free_port, root, spawn_api_process, spawn_api_process_on, spawn_app_with,
     spawn_logged_worker_process, wait_until,
 };
 
@@ -33,7 +33,7 @@ impl Balancer {
     async fn start(ports: &[u16]) -> Self {
         let dir = std::env::temp_dir().join(format!("conveyor-nginx-{}", Uuid::now_v7()));
         let port = free_port();
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
+        let script = root().join("scripts/stack");
         let nginx = tokio::process::Command::new(script)
             .arg("balance")
             .arg(&dir)
