@@ -53,6 +53,8 @@ enum Mode {
     Idle(Idle),
     /// GET of a finished job against GET /healthz, on the same server in the same run.
     Poll(Poll),
+    /// `GET /v1/jobs` pages one after another: each query's latency.
+    List(List),
     /// A flood: many clients, each submitting as fast as it is answered;
     /// latency of accepted and of refused submissions apart; then workers
     /// drain what was accepted and every job must have succeeded.
@@ -184,6 +186,22 @@ struct Poll {
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
 }
+
+#[derive(Debug, Args)]
+struct List {
+    /// Requests per query.
+    #[arg(long, default_value_t = 200)]
+    n: usize,
+}
+
+/// The listings measured: a tenant's newest jobs, by status (a common one
+/// and a rare one), and a queue's.
+const LISTINGS: [(&str, &str); 4] = [
+    ("newest", "/v1/jobs?limit=50"),
+    ("succeeded", "/v1/jobs?status=succeeded&limit=50"),
+    ("failed", "/v1/jobs?status=failed&limit=50"),
+    ("queue", "/v1/jobs?queue=default&limit=50"),
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -842,6 +860,27 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             report
         }
         Mode::Idle(idle) => idle_clients(&api, &idle, cli.api_pid).await?,
+        Mode::List(list) => {
+            let mut report = json!({"mode": "list", "n": list.n});
+            for (name, path) in LISTINGS {
+                let mut micros = Vec::with_capacity(list.n);
+                for _ in 0..list.n {
+                    let started = Instant::now();
+                    let (status, _) = api.get(path).await;
+                    if status != 200 {
+                        bail!("GET {path} answered {status}");
+                    }
+                    micros.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                }
+                report[name] = percentiles(micros);
+            }
+            println!(
+                "list    n={}: {}",
+                list.n,
+                LISTINGS.map(|(name, _)| format!("{name} {}", report[name])).join(", ")
+            );
+            report
+        }
         Mode::Poll(poll) => {
             let (_, page) = api.get("/v1/jobs?status=succeeded&limit=1").await;
             let Some(id) = page.as_ref().and_then(|p| p["jobs"][0]["id"].as_str()).map(str::to_owned) else {
