@@ -8,7 +8,7 @@ use clap::Parser as _;
 use shared::config::Settings;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::helpers::{root, strings};
+use crate::helpers::{deployed_settings, root, strings};
 
 fn compose() -> Yaml {
     let text = std::fs::read_to_string(root().join("compose.yaml")).expect("compose.yaml exists");
@@ -67,14 +67,7 @@ fn compose_services_run_commands_and_settings_the_code_accepts() {
             continue;
         }
         built += 1;
-        let env = environment(service);
-        for (key, _) in &env {
-            assert!(
-                key.starts_with("CONVEYOR__") || ["DATABASE_URL", "AMQP_URL", "RUST_LOG"].contains(&key.as_str()),
-                "{name}: environment key {key} is not read by Conveyor"
-            );
-        }
-        let settings = Settings::from_layers(None, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let settings = deployed_settings(name, &environment(service));
         let command = strings(&service["command"]);
         match command.first().map(String::as_str) {
             Some("api") => {

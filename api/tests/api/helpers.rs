@@ -153,6 +153,19 @@ pub fn strings(yaml: &yaml_rust2::Yaml) -> Vec<String> {
     yaml.as_vec().map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
+/// The settings a deployment's environment (`key`, `value` pairs) gives a
+/// Conveyor process, after checking that Conveyor reads every key; `what`
+/// names the deployment in failures.
+pub fn deployed_settings(what: &str, env: &[(String, String)]) -> Settings {
+    for (key, _) in env {
+        assert!(
+            key.starts_with("CONVEYOR__") || ["DATABASE_URL", "AMQP_URL", "RUST_LOG"].contains(&key.as_str()),
+            "{what}: environment key {key} is not read by Conveyor"
+        );
+    }
+    Settings::from_layers(None, env).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port()

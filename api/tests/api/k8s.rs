@@ -8,7 +8,7 @@ use clap::Parser as _;
 use shared::config::Settings;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::helpers::{root, strings};
+use crate::helpers::{deployed_settings, root, strings};
 
 /// Every document of deploy/k8s/<file>.
 fn documents(file: &str) -> Vec<Yaml> {
@@ -49,14 +49,7 @@ fn container_and_settings(file: &str) -> (Yaml, Settings) {
     for pair in container["env"].as_vec().expect("env") {
         env.push((pair["name"].as_str().expect("name").to_owned(), pair["value"].as_str().expect("value").to_owned()));
     }
-    for (key, _) in &env {
-        assert!(
-            key.starts_with("CONVEYOR__") || ["DATABASE_URL", "AMQP_URL", "RUST_LOG"].contains(&key.as_str()),
-            "{file}: {key} is not read by Conveyor"
-        );
-    }
-    let settings = Settings::from_layers(None, &env).unwrap_or_else(|e| panic!("{file}: {e}"));
-    (container, settings)
+    (container, deployed_settings(file, &env))
 }
 
 fn probe_port(container: &Yaml, probe: &str) -> i64 {

@@ -7,7 +7,7 @@ use serde_json::json;
 use shared::job::{FailureKind, JobStatus};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{Endpoint, allow_loopback, spawn_app, spawn_app_with};
+use crate::helpers::{Endpoint, allow_loopback, free_port, spawn_app, spawn_app_with};
 use crate::submit::PgPoolOptionsUnused;
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -172,11 +172,6 @@ async fn http_makes_a_real_request_and_classifies_the_answer(_: PgPoolOptionsUnu
 
     endpoint.stop().await;
     app.stop().await;
-}
-
-/// A port nobody listens on: bound, then released.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// Keeps failed jobs in `retrying` long enough to look at: a one-minute

@@ -314,7 +314,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 /// this test, not a dashboard nobody looks at until the night it matters.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn every_metric_the_dashboard_and_alerts_query_is_scraped(_: PgPoolOptionsUnused, connect: PgConnectOptions) {
-    let worker_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let worker_port = crate::helpers::free_port();
     let mut app = spawn_app_with(connect, |settings| {
         settings.jobs.retry_backoff_base_ms = 10;
         settings.jobs.retry_backoff_cap_ms = 20;

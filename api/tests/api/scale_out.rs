@@ -156,8 +156,15 @@ async fn submit_until_stopped(http: reqwest::Client, url: String, stop: Arc<Atom
     }
 }
 
-fn port_of(address: &str) -> u16 {
-    address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("host:port")
+/// `n` API processes configured like `app`, and their ports.
+async fn spawn_replicas(app: &TestApp, n: usize) -> (Vec<Child>, Vec<u16>) {
+    let (mut apis, mut ports) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (api, address) = spawn_api_process(&app.settings).await;
+        apis.push(api);
+        ports.push(address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("host:port"));
+    }
+    (apis, ports)
 }
 
 async fn terminate(child: &mut Child) {
@@ -200,12 +207,7 @@ async fn a_replica_and_a_worker_killed_mid_traffic_lose_no_job(_: PgPoolOptions,
         s.worker.lease_seconds = 3;
     })
     .await;
-    let (mut apis, mut ports) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let (api, address) = spawn_api_process(&app.settings).await;
-        apis.push(api);
-        ports.push(port_of(&address));
-    }
+    let (mut apis, ports) = spawn_replicas(&app, 3).await;
     let mut workers: Vec<Child> = (0..2).map(|_| spawn_logged_worker_process(&app.settings).0).collect();
     let balancer = Balancer::start(&ports).await;
     let traffic = Traffic::start(&balancer, &app.token, 8);
@@ -235,12 +237,7 @@ async fn a_replica_and_a_worker_killed_mid_traffic_lose_no_job(_: PgPoolOptions,
 async fn a_rolling_restart_of_the_replicas_loses_no_request(_: PgPoolOptions, connect: PgConnectOptions) {
     // As shipped (the tests' settings stop at once).
     let app = spawn_app_with(connect, |s| s.http.drain_ms = 1000).await;
-    let (mut apis, mut ports) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let (api, address) = spawn_api_process(&app.settings).await;
-        apis.push(api);
-        ports.push(port_of(&address));
-    }
+    let (mut apis, ports) = spawn_replicas(&app, 3).await;
     let _worker = spawn_logged_worker_process(&app.settings).0;
     let balancer = Balancer::start(&ports).await;
     let traffic = Traffic::start(&balancer, &app.token, 8);
