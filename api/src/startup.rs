@@ -140,7 +140,7 @@ impl StopHandle {
 impl Application {
     /// Opens the pool, migrates when `database.migrate_on_start`, and binds.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = db::pool(&settings.database).context("Failed to configure the database pool")?;
+        let pool = db::server_pool(&settings.database).context("Failed to configure the database pool")?;
         if settings.database.migrate_on_start {
             db::migrate(&settings.database, &pool).await?;
         }

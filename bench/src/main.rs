@@ -55,6 +55,9 @@ enum Mode {
     Poll(Poll),
     /// `GET /v1/jobs` pages one after another: each query's latency.
     List(List),
+    /// Submissions at a fixed rate, before and while `api prune` runs:
+    /// whether deleting history stalls the front door.
+    Prune(Prune),
     /// A flood: many clients, each submitting as fast as it is answered;
     /// latency of accepted and of refused submissions apart; then workers
     /// drain what was accepted and every job must have succeeded.
@@ -192,6 +195,27 @@ struct List {
     /// Requests per query.
     #[arg(long, default_value_t = 200)]
     n: usize,
+    /// Requests per query sent first and not measured: the first reads of a
+    /// table copied from its template find its pages outside every cache.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+}
+
+#[derive(Debug, Args)]
+struct Prune {
+    /// Jobs submitted per second, open loop (a stall delays every submission
+    /// due during it, and each one's latency counts from when it was due).
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Seconds of submissions before the prune starts: the baseline.
+    #[arg(long, default_value_t = 10)]
+    before: u64,
+    /// The `api` binary whose `prune` runs (against its `DATABASE_URL`).
+    #[arg(long)]
+    api_bin: PathBuf,
+    /// What follows `api prune`.
+    #[arg(long, default_value = "--older-than 1h", allow_hyphen_values = true)]
+    prune_args: String,
 }
 
 /// The listings measured: a tenant's newest jobs, by status (a common one
@@ -864,11 +888,14 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             let mut report = json!({"mode": "list", "n": list.n});
             for (name, path) in LISTINGS {
                 let mut micros = Vec::with_capacity(list.n);
-                for _ in 0..list.n {
+                for i in 0..list.warmup + list.n {
                     let started = Instant::now();
                     let (status, _) = api.get(path).await;
                     if status != 200 {
                         bail!("GET {path} answered {status}");
+                    }
+                    if i < list.warmup {
+                        continue;
                     }
                     micros.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
                 }
@@ -881,6 +908,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             );
             report
         }
+        Mode::Prune(prune) => prune_under_load(&api, &prune).await?,
         Mode::Poll(poll) => {
             let (_, page) = api.get("/v1/jobs?status=succeeded&limit=1").await;
             let Some(id) = page.as_ref().and_then(|p| p["jobs"][0]["id"].as_str()).map(str::to_owned) else {
@@ -903,6 +931,66 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
             report
         }
     };
+    Ok(report)
+}
+
+/// Submits at `prune.rate` for `prune.before` seconds, then runs `api
+/// prune` and goes on submitting until it exits: submit latency before and
+/// during it, and how fast it deleted.
+async fn prune_under_load(api: &Rc<Api>, prune: &Prune) -> anyhow::Result<Value> {
+    let pruning = Rc::new(std::cell::Cell::new(false));
+    let stop = Rc::new(std::cell::Cell::new(false));
+    let submitter = {
+        let (api, pruning, stop) = (api.clone(), pruning.clone(), stop.clone());
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(prune.rate.max(1))));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        tokio::task::spawn_local(async move {
+            let mut probes = Vec::new();
+            while !stop.get() {
+                let due = ticks.tick().await.into_std();
+                let (api, during) = (api.clone(), pruning.get());
+                probes.push(tokio::task::spawn_local(async move {
+                    let (code, _) = api.submit().await;
+                    (during, code, u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX))
+                }));
+            }
+            probes
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(prune.before)).await;
+    pruning.set(true);
+    let started = Instant::now();
+    let output = tokio::process::Command::new(&prune.api_bin)
+        .arg("prune")
+        .args(prune.prune_args.split_whitespace())
+        .output()
+        .await
+        .context("could not run api prune")?;
+    let took = started.elapsed().as_secs_f64();
+    stop.set(true);
+    let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    if !output.status.success() {
+        bail!("api prune failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let deleted: u64 = said.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let (mut before, mut during, mut refused) = (Vec::new(), Vec::new(), 0);
+    for probe in submitter.await.context("the submitter panicked")? {
+        let (in_prune, code, micros) = probe.await.context("a submission panicked")?;
+        if code != 202 {
+            refused += 1;
+        }
+        if in_prune { during.push(micros) } else { before.push(micros) }
+    }
+    let report = json!({
+        "mode": "prune", "rate": prune.rate, "prune_args": prune.prune_args,
+        "deleted": deleted, "prune_s": (took * 10.0).round() / 10.0,
+        "deleted_per_s": (deleted as f64 / took).round(), "not_accepted": refused,
+        "submit_before": percentiles(before), "submit_during": percentiles(during),
+    });
+    println!(
+        "prune   rate={}/s: {said} in {:.1} s ({} rows/s); submit before {}, during {}, not accepted {refused}",
+        prune.rate, took, report["deleted_per_s"], report["submit_before"], report["submit_during"]
+    );
     Ok(report)
 }
 
