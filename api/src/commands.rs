@@ -292,11 +292,15 @@ pub async fn prune(pool: &PgPool, args: PruneArgs, out: &mut impl Write) -> anyh
         return Ok(());
     }
     let mut deleted = 0u64;
-    loop {
-        let n = jobs::prune_batch(pool, &statuses, before, BATCH).await.context("Failed to delete jobs")?;
-        deleted += n;
-        if n < BATCH as u64 {
-            break;
+    for status in statuses {
+        let mut from = None;
+        loop {
+            let batch = jobs::prune_batch(pool, status, before, from, BATCH).await.context("Failed to delete jobs")?;
+            deleted += batch.deleted;
+            if batch.deleted < BATCH as u64 {
+                break;
+            }
+            from = batch.last;
         }
     }
     writeln!(out, "deleted {deleted} job{}", plural(usize::try_from(deleted).unwrap_or(0)))?;

@@ -216,6 +216,10 @@ struct Prune {
     /// What follows `api prune`.
     #[arg(long, default_value = "--older-than 1h", allow_hyphen_values = true)]
     prune_args: String,
+    /// Workers run the submitted jobs from before the baseline to the end,
+    /// so that no backlog grows under the measurement.
+    #[command(flatten)]
+    workers: Workers,
 }
 
 /// The listings measured: a tenant's newest jobs, by status (a common one
@@ -938,6 +942,7 @@ async fn run(cli: Cli) -> anyhow::Result<Value> {
 /// prune` and goes on submitting until it exits: submit latency before and
 /// during it, and how fast it deleted.
 async fn prune_under_load(api: &Rc<Api>, prune: &Prune) -> anyhow::Result<Value> {
+    let workers = WorkerProcesses::start(&prune.workers).await?;
     let pruning = Rc::new(std::cell::Cell::new(false));
     let stop = Rc::new(std::cell::Cell::new(false));
     let submitter = {
@@ -951,7 +956,7 @@ async fn prune_under_load(api: &Rc<Api>, prune: &Prune) -> anyhow::Result<Value>
                 let (api, during) = (api.clone(), pruning.get());
                 probes.push(tokio::task::spawn_local(async move {
                     let (code, _) = api.submit().await;
-                    (during, code, u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX))
+                    (due, during, code, u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX))
                 }));
             }
             probes
@@ -968,28 +973,45 @@ async fn prune_under_load(api: &Rc<Api>, prune: &Prune) -> anyhow::Result<Value>
         .context("could not run api prune")?;
     let took = started.elapsed().as_secs_f64();
     stop.set(true);
+    workers.stop().await;
     let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     if !output.status.success() {
         bail!("api prune failed: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
     let deleted: u64 = said.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let (mut before, mut during, mut refused) = (Vec::new(), Vec::new(), 0);
+    let (mut before, mut during, mut refused) = (Vec::new(), Vec::new(), BTreeMap::<u16, u64>::new());
+    // p99 per 30 s of the prune: whether a stall hides in a long run's figures.
+    let mut windows: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for probe in submitter.await.context("the submitter panicked")? {
-        let (in_prune, code, micros) = probe.await.context("a submission panicked")?;
+        let (due, in_prune, code, micros) = probe.await.context("a submission panicked")?;
         if code != 202 {
-            refused += 1;
+            *refused.entry(code).or_default() += 1;
         }
-        if in_prune { during.push(micros) } else { before.push(micros) }
+        if in_prune {
+            during.push(micros);
+            let window = due.saturating_duration_since(started).as_secs() / 30;
+            windows.entry(window).or_default().push(micros);
+        } else {
+            before.push(micros);
+        }
     }
+    let windows: Vec<f64> = windows.into_values().map(|w| percentiles(w)["p99_ms"].as_f64().unwrap_or(0.0)).collect();
     let report = json!({
         "mode": "prune", "rate": prune.rate, "prune_args": prune.prune_args,
         "deleted": deleted, "prune_s": (took * 10.0).round() / 10.0,
         "deleted_per_s": (deleted as f64 / took).round(), "not_accepted": refused,
         "submit_before": percentiles(before), "submit_during": percentiles(during),
+        "p99_ms_per_30s": windows,
     });
     println!(
-        "prune   rate={}/s: {said} in {:.1} s ({} rows/s); submit before {}, during {}, not accepted {refused}",
-        prune.rate, took, report["deleted_per_s"], report["submit_before"], report["submit_during"]
+        "prune   rate={}/s: {said} in {:.1} s ({} rows/s); submit before {}, during {}, p99 per 30 s {}, not accepted {}",
+        prune.rate,
+        took,
+        report["deleted_per_s"],
+        report["submit_before"],
+        report["submit_during"],
+        report["p99_ms_per_30s"],
+        report["not_accepted"]
     );
     Ok(report)
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::job::JobStatus;
+
 /// The defaults, documented key by key; the README points here.
 pub const DEFAULTS: &str = include_str!("../config.default.toml");
 
@@ -50,6 +52,35 @@ pub struct Settings {
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
     pub events: EventsSettings,
+    pub retention: RetentionSettings,
+}
+
+/// The longest retention: far beyond any use, short enough for date arithmetic.
+pub const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// How long ended jobs are kept before the workers' leader deletes them
+/// (the work of `api prune`, done continuously). 0: kept until pruned by hand.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    pub succeeded_seconds: u64,
+    pub failed_seconds: u64,
+    pub cancelled_seconds: u64,
+}
+
+impl RetentionSettings {
+    /// Each ended status with a retention, and how long its jobs are kept.
+    pub fn rules(&self) -> Vec<(JobStatus, Duration)> {
+        [
+            (JobStatus::Succeeded, self.succeeded_seconds),
+            (JobStatus::Failed, self.failed_seconds),
+            (JobStatus::Cancelled, self.cancelled_seconds),
+        ]
+        .into_iter()
+        .filter(|(_, seconds)| *seconds > 0)
+        .map(|(status, seconds)| (status, Duration::from_secs(seconds)))
+        .collect()
+    }
 }
 
 /// Server-sent events (`GET /v1/jobs/{id}/events`, `GET /v1/events`).
@@ -371,6 +402,11 @@ impl Settings {
         check(self.auth.key_cache_ttl_ms <= 60_000, || {
             "auth.key_cache_ttl_ms must be at most 60000: it bounds how long a revoked key still works".into()
         })?;
+        for (status, keep) in self.retention.rules() {
+            check(keep <= MAX_RETENTION, || {
+                format!("retention.{status}_seconds must be at most {} (100 years)", MAX_RETENTION.as_secs())
+            })?;
+        }
         let jobs = &self.jobs;
         check(jobs.max_attempts_limit >= 1, || "jobs.max_attempts_limit must be at least 1".into())?;
         check(jobs.timeout_seconds_limit >= 1, || "jobs.timeout_seconds_limit must be at least 1".into())?;
@@ -555,6 +591,17 @@ mod tests {
         assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("database.url"));
         assert!(error_of(&[("AMQP_URL", "amqp://h:port/v")]).contains("amqp.url"));
         assert!(error_of(&[("CONVEYOR__JOBS__HTTP__ALLOW", "10.0.0.0/8,intranet")]).contains("jobs.http.allow"));
+        // Beyond any date Postgres or chrono could subtract it from.
+        let forever = u64::MAX.to_string();
+        assert!(error_of(&[("CONVEYOR__RETENTION__FAILED_SECONDS", &forever)]).contains("retention.failed_seconds"));
+    }
+
+    #[test]
+    fn retention_rules_name_only_the_statuses_with_one() {
+        let s =
+            Settings::from_layers(None, &env(&[("CONVEYOR__RETENTION__SUCCEEDED_SECONDS", "86400")])).expect("valid");
+        assert_eq!(s.retention.rules(), [(JobStatus::Succeeded, Duration::from_secs(86_400))]);
+        assert!(Settings::defaults().expect("valid").retention.rules().is_empty(), "kept forever by default");
     }
 
     #[test]

@@ -509,16 +509,6 @@ pub const DEFAULT_TENANT: &str = "default";
 /// Highest priority a job may have; RabbitMQ queues are declared with it as `x-max-priority`.
 pub const MAX_PRIORITY: i16 = 9;
 
-/// The smallest UUIDv7 minted at `at`: every v7 id minted before `at` is smaller.
-pub fn first_id_at(at: DateTime<Utc>) -> Uuid {
-    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
-    let mut bytes = [0u8; 16];
-    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
-    bytes[6] = 0x70; // version 7
-    bytes[8] = 0x80; // RFC 4122 variant
-    Uuid::from_bytes(bytes)
-}
-
 /// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
 /// Full jitter spreads a burst of failures out the most for the same mean wait
 /// (see AWS's "Exponential Backoff and Jitter").
@@ -592,17 +582,6 @@ mod tests {
         let messages: Vec<_> = together.iter().map(|job| job.message_id).collect();
         let id = |i: usize| Some(together[i].id);
         assert_eq!(messages, [id(0), id(1), id(0), id(3), id(0)], "by lane; a sampled trace alone");
-    }
-
-    #[test]
-    fn the_first_id_at_a_time_sorts_between_ids_minted_before_and_after() {
-        let before = Uuid::now_v7();
-        std::thread::sleep(Duration::from_millis(2));
-        let bound = first_id_at(Utc::now());
-        std::thread::sleep(Duration::from_millis(2));
-        let after = Uuid::now_v7();
-        assert!(before < bound && bound < after, "{before} < {bound} < {after}");
-        assert_eq!(bound.get_version_num(), 7);
     }
 
     #[test]

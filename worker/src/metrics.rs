@@ -47,6 +47,8 @@ pub enum Action {
     RepublishedLost,
     /// Parked jobs of tenants back under their cap, published.
     Unparked,
+    /// Ended jobs deleted once past their retention.
+    Expired,
 }
 
 impl Action {
@@ -57,6 +59,7 @@ impl Action {
             Self::Republished => "republished_unconfirmed",
             Self::RepublishedLost => "republished_lost",
             Self::Unparked => "unparked",
+            Self::Expired => "expired",
         }
     }
 }
@@ -112,7 +115,10 @@ impl Metrics {
         );
         let in_flight = IntGauge::new("conveyor_worker_jobs_in_flight", "Jobs running in this worker now");
         let actions = IntCounterVec::new(
-            Opts::new("conveyor_reconciler_actions_total", "Jobs the active reconciler moved or published, by action"),
+            Opts::new(
+                "conveyor_reconciler_actions_total",
+                "Jobs the active reconciler moved, published or deleted, by action",
+            ),
             &["action"],
         );
         let reconnects = IntCounter::new(

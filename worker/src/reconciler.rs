@@ -6,7 +6,9 @@
 //!    retried with the attempt counted, or failed on their last attempt;
 //! 3. republishes queued jobs whose publish was never confirmed (the outbox);
 //! 4. every heartbeat, republishes queued jobs whose messages RabbitMQ no
-//!    longer holds (a purged queue, a lost node): see [`Reconciler::find_lost_messages`].
+//!    longer holds (a purged queue, a lost node): see [`Reconciler::find_lost_messages`];
+//! 5. deletes ended jobs past their retention (`retention.*`), a bounded share
+//!    of each pass: see [`Reconciler::expire_ended`].
 //!
 //! Leadership is a row with an expiry, renewed as the leader works, not a lock
 //! tied to a connection: a leader that stops making progress (dead, frozen,
@@ -20,10 +22,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use shared::config::Settings;
 use shared::db::leadership::{self, Claim, RECONCILER, Term};
 use shared::db::{self, jobs, workers};
-use shared::job::Enqueued;
+use shared::job::{Enqueued, JobStatus};
 use shared::outbox::{self, Outbox};
 use sqlx::PgPool;
 use tokio::time::Instant;
@@ -34,6 +37,16 @@ use crate::metrics::{Action, Metrics};
 
 /// Rows per statement; a pass loops while batches come back full.
 const BATCH: i64 = 1000;
+
+/// One ended status's retention, and where its sweep stands.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    status: JobStatus,
+    keep: chrono::Duration,
+    /// Where the next batch starts: when the newest job deleted so far ended
+    /// (`None`: the oldest; a new leader starts there once).
+    from: Option<DateTime<Utc>>,
+}
 
 /// The leadership as this process holds it.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +98,8 @@ pub struct Reconciler {
     next_lost_check: Instant,
     /// `tenants.max_running`: parked jobs are published again as room frees.
     max_running: i32,
+    retention: Vec<Expiry>,
+    next_expiry: Instant,
     metrics: Arc<Metrics>,
 }
 
@@ -104,6 +119,15 @@ impl Reconciler {
             live_seconds: i32::try_from(worker.heartbeat_seconds.saturating_mul(3)).unwrap_or(i32::MAX),
             suspects: HashMap::new(),
             next_lost_check: Instant::now(),
+            retention: settings
+                .retention
+                .rules()
+                .into_iter()
+                .filter_map(|(status, keep)| {
+                    Some(Expiry { status, keep: chrono::Duration::from_std(keep).ok()?, from: None })
+                })
+                .collect(),
+            next_expiry: Instant::now(),
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -264,6 +288,9 @@ impl Reconciler {
             self.metrics.acted(Action::Republished, unpublished.len());
             self.publish(unpublished, lead).await;
         }
+        if !self.retention.is_empty() && Instant::now() >= self.next_expiry {
+            self.expire_ended(lead).await?;
+        }
         if Instant::now() >= self.next_lost_check {
             let started = Instant::now();
             self.renew(lead, false).await?;
@@ -295,6 +322,42 @@ impl Reconciler {
                 return Ok(());
             }
         }
+    }
+
+    /// Deletes ended jobs past their retention, oldest first, a batch at a
+    /// time for at most a fifth of the pass interval: a backlog (months of
+    /// history when retention is first set) is worked off over many passes,
+    /// each going on where the last stopped, without holding up the pass's
+    /// other work or taking the database from submissions. Once nothing is
+    /// left, the next look is a heartbeat away. Not fenced: deleting what has
+    /// expired is right whoever does it, and a stale leader doing it too only
+    /// finds less to delete.
+    pub async fn expire_ended(&mut self, lead: &mut Lead) -> Result<(), Interrupted> {
+        let budget = Instant::now() + self.interval / 5;
+        let now = Utc::now();
+        for i in 0..self.retention.len() {
+            loop {
+                self.renew(lead, false).await?;
+                let Expiry { status, keep, from } = self.retention[i];
+                let Some(before) = now.checked_sub_signed(keep) else { break };
+                let batch = jobs::prune_batch(&self.pool, status, before, from, BATCH).await?;
+                self.metrics.acted(Action::Expired, usize::try_from(batch.deleted).unwrap_or(usize::MAX));
+                // The cursor stays where the sweep stopped, even once it is
+                // through: jobs that expire later ended later, and a walk from
+                // the oldest would step again over every deleted job's index
+                // entry until vacuum removes them (seconds, after a backlog).
+                self.retention[i].from = batch.last.or(from);
+                if batch.deleted < BATCH as u64 {
+                    break;
+                }
+                if Instant::now() >= budget {
+                    self.next_expiry = Instant::now();
+                    return Ok(());
+                }
+            }
+        }
+        self.next_expiry = Instant::now() + self.heartbeat;
+        Ok(())
     }
 
     /// Finds queued jobs whose messages RabbitMQ lost after confirming them,

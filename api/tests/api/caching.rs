@@ -121,7 +121,7 @@ async fn requeue_prune_and_truncate_elsewhere_reach_every_api(_: PgPoolOptionsUn
 
     let pruned = ended_job_in_memory(&app).await;
     let before = chrono::Utc::now() + chrono::Duration::seconds(1);
-    let deleted = jobs::prune_batch(&app.pool, &[JobStatus::Cancelled], before, 100).await.expect("prune");
+    let deleted = jobs::prune_batch(&app.pool, JobStatus::Cancelled, before, None, 100).await.expect("prune").deleted;
     assert_eq!(deleted, 1);
     let gone = wait_until(BOUND, || async { get(&app, pruned.id, None).await.status() == 404 }).await;
     assert!(gone, "a pruned job is not served from memory");

@@ -189,7 +189,7 @@ async fn jobs_are_listed_shown_and_pruned_from_the_cli(_: PgPoolOptionsUnused, c
 
     // Nothing finished a day ago; age the finished job, then prune.
     assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d"]).await), "deleted 0 jobs\n");
-    shared::testing::db::backdate(&app.pool, echo.id, 2).await;
+    shared::testing::db::end(&app.pool, echo.id, JobStatus::Succeeded, chrono::Duration::days(2)).await;
     assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d", "--dry-run"]).await), "would delete 1 job\n");
     assert_eq!(app.job_count().await, 2);
     assert_eq!(stdout(&api(&app, &["prune", "--older-than", "1d", "--status", "failed"]).await), "deleted 0 jobs\n");

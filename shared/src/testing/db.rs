@@ -89,14 +89,11 @@ pub async fn make_due(pool: &PgPool, id: Uuid) {
     execute(pool, "UPDATE jobs SET run_at = now() - interval '1 second' WHERE id = $1", |q| q.bind(id)).await;
 }
 
-/// Makes an ended job look as if it finished `days` ago, under a new id of
-/// that time (ids are time-ordered; prune relies on it).
-pub async fn backdate(pool: &PgPool, id: Uuid, days: i64) -> Uuid {
-    let then = Utc::now() - chrono::Duration::days(days);
-    let old_id = crate::job::first_id_at(then);
-    execute(pool, "UPDATE jobs SET finished_at = $3, id = $2 WHERE id = $1", |q| q.bind(id).bind(old_id).bind(then))
-        .await;
-    old_id
+/// Makes job `id` look as if it ended with `status`, `ago` before now.
+pub async fn end(pool: &PgPool, id: Uuid, status: JobStatus, ago: chrono::Duration) {
+    let then = Utc::now() - ago;
+    let sql = "UPDATE jobs SET status = $2, finished_at = $3, lease_expires_at = NULL WHERE id = $1";
+    execute(pool, sql, |q| q.bind(id).bind(status.as_str()).bind(then)).await;
 }
 
 /// Makes the reconciler's leadership lapse now, as if its holder had frozen.

@@ -161,3 +161,61 @@ async fn an_outcome_postgres_cannot_store_is_refused_not_unavailable(pool: sqlx:
     let error = JobFailure { message: "could not be stored".into(), kind: FailureKind::Permanent, attempt: 1 };
     assert!(jobs::finish(&pool, claimed.lease(), &Outcome::Failed(error)).await.expect("finish"));
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn prune_deletes_one_status_ended_before_the_bound_oldest_first_from_its_cursor(pool: sqlx::PgPool) {
+    let days = chrono::Duration::days;
+    let ids = jobs::insert_many(&pool, &(0..7).map(|_| new_job("noop", json!({}))).collect::<Vec<_>>())
+        .await
+        .expect("insert")
+        .into_iter()
+        .map(|job| job.id)
+        .collect::<Vec<_>>();
+    let ended = [
+        (JobStatus::Succeeded, days(4)),
+        (JobStatus::Succeeded, days(3)),
+        (JobStatus::Succeeded, days(2)),
+        (JobStatus::Failed, days(4)),
+        (JobStatus::Succeeded, chrono::Duration::zero()),
+    ];
+    for (id, (status, ago)) in ids.iter().zip(ended) {
+        inspect::end(&pool, *id, status, ago).await;
+    }
+    let left = |pool: sqlx::PgPool| async move {
+        let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs").fetch_all(&pool).await.expect("ids");
+        left.into_iter().collect::<std::collections::BTreeSet<_>>()
+    };
+    let these = |i: &[usize]| i.iter().map(|&i| ids[i]).collect::<std::collections::BTreeSet<_>>();
+    let before = chrono::Utc::now() - chrono::Duration::hours(1);
+    let statuses = [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled];
+    assert_eq!(jobs::prune_count(&pool, &statuses, before).await.expect("count"), 4);
+    assert_eq!(jobs::prune_count(&pool, &[JobStatus::Failed], before).await.expect("count"), 1);
+
+    // Batches of two: the oldest two, then the third from where the first stopped.
+    let first = jobs::prune_batch(&pool, JobStatus::Succeeded, before, None, 2).await.expect("prune");
+    assert_eq!(first.deleted, 2);
+    assert_eq!(left(pool.clone()).await, these(&[2, 3, 4, 5, 6]));
+    let second = jobs::prune_batch(&pool, JobStatus::Succeeded, before, first.last, 2).await.expect("prune");
+    assert_eq!((second.deleted, first.last < second.last), (1, true));
+    assert_eq!(left(pool.clone()).await, these(&[3, 4, 5, 6]), "the failed, young and queued jobs stay");
+    let none = jobs::prune_batch(&pool, JobStatus::Succeeded, before, second.last, 2).await.expect("prune");
+    assert_eq!(none, jobs::Pruned { deleted: 0, last: None });
+
+    // A batch starts at its cursor: a job that ended before it waits for a walk from the start.
+    inspect::end(&pool, ids[5], JobStatus::Cancelled, days(5)).await;
+    inspect::end(&pool, ids[6], JobStatus::Cancelled, days(1)).await;
+    let cursor = Some(chrono::Utc::now() - days(3));
+    let walked = jobs::prune_batch(&pool, JobStatus::Cancelled, before, cursor, 10).await.expect("prune");
+    assert_eq!(walked.deleted, 1);
+    assert_eq!(left(pool.clone()).await, these(&[3, 4, 5]));
+
+    // A job someone holds locked is left for a later batch.
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(ids[5]).execute(&mut *holder).await.expect("lock");
+    let skipped = jobs::prune_batch(&pool, JobStatus::Cancelled, before, None, 10).await.expect("prune");
+    assert_eq!(skipped.deleted, 0);
+    holder.rollback().await.expect("rollback");
+    let taken = jobs::prune_batch(&pool, JobStatus::Cancelled, before, None, 10).await.expect("prune");
+    assert_eq!(taken.deleted, 1);
+    assert_eq!(left(pool.clone()).await, these(&[3, 4]));
+}

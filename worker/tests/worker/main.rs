@@ -10,5 +10,6 @@ mod helpers;
 mod leadership;
 mod lost_messages;
 mod processes;
+mod retention;
 mod slots;
 mod topology;
